@@ -1,0 +1,358 @@
+"""Master calibrations from raw bias, dark and flat exposures (``podi_makecalibrations``).
+
+Usage::
+
+    podi_makecalibrations input [input ...] calibdir [-crosstalk=FILE|none]
+        [-nonlinearity=FILE] [-gain] [-combine=median|mean] [-binning=N] [-ncpus=N]
+
+Each ``input`` is an exposure directory, one OTA file of an exposure, or a text
+file listing such paths in its first column (``#`` comments allowed). Exposures are
+sorted by ``OBSTYPE`` (``BIAS``, ``DARK``, ``DFLAT``/``TFLAT``), binning and filter;
+anything else is skipped with a message. For each binning ``b`` the tool writes
+
+* ``bias_bin<b>.fits``: overscan-subtracted biases, sigma-clipped median;
+* ``dark_yes_bin<b>.fits``: bias-subtracted darks scaled to one exposure time
+  (primary ``EXPTIME``), combined;
+* ``flat_<FILTER>_bin<b>.fits``: bias- and dark-subtracted flats, each scaled to
+  the mean level of the stack, combined, then normalised to 1.0 over the OTAs that
+  the filter illuminates fully (pixels below 0.1 become NaN).
+
+Each input goes through the same per-OTA stages as ``podi_collectcells`` (crosstalk,
+overscan, nonlinearity, gain), so masters and science frames must be made with the
+same ``-gain`` setting. Outputs are in the pipeline's own format (``podi_mef``).
+Memory stays bounded: one OTA of all frames at a time, one OTA per worker process.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from podi_definitions import (PIPELINE_NAME, binning_from_header, cell_to_ota, fppos_for_ota,
+                              layout_for_mjd, ota_extname, otas_to_normalize_flat)
+from podi_imcombine import COMBINE_METHODS, clipped_combine
+from podi_mef import CalibrationError, write_atomic
+from podi_rawdata import RawDataError, find_exposure
+from podi_reduceota import ReductionSettings, cell_gains, reduce_ota
+from podi_stats import bin_image
+
+logger = logging.getLogger(__name__)
+
+FLAT_TYPES = ("DFLAT", "TFLAT", "FLAT", "SFLAT")
+
+
+@dataclass
+class RawExposure:
+    """One input exposure as sorted by the tool."""
+
+    name: str
+    obstype: str
+    binning: int
+    filter: str
+    exptime: float
+    mjd: float
+    ota_files: dict
+
+
+def read_inputs(paths):
+    """Expand the command-line inputs into a list of exposure paths."""
+    expanded = []
+    for path in map(Path, paths):
+        if path.is_file() and not path.name.endswith((".fits", ".fits.fz")):
+            for line in path.read_text().splitlines():
+                line = line.split("#")[0].strip()
+                if line:
+                    expanded.append(Path(line.split()[0]))
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def classify(path):
+    """Describe one exposure from the primary header of its first OTA file."""
+    exposure = find_exposure(path)
+    first = exposure.ota_files[min(exposure.ota_files)]
+    try:
+        header = fits.getheader(first, 0)
+    except Exception as error:
+        raise RawDataError(first, f"not a readable FITS file ({' '.join(str(error).split())})") from None
+    binning = binning_from_header(header) if "CCDBIN1" in header or "CCDSUM" in header \
+        else binning_from_header(fits.getheader(first, 1))
+    return RawExposure(exposure.base, str(header.get("OBSTYPE", "")).strip().upper(), binning,
+                       str(header.get("FILTER", "unknown")).strip(), float(header.get("EXPTIME", 0.0)),
+                       float(header.get("MJD-OBS", 0.0)), exposure.ota_files)
+
+
+def flat_normalisation_level(images):
+    """Level 1.0 of a master flat: clipped median of the pooled, 8x8-binned OTAs.
+
+    Parameters
+    ----------
+    images : list of numpy.ndarray
+        OTA arrays (NaN = no data) of the OTAs that define the normalisation.
+
+    Returns
+    -------
+    float
+        Iterate three times: median m and standard deviation s of the pooled
+        8x8-binned pixels within [m - 2 s, m + 3 s] of the previous pass.
+    """
+    pooled = np.concatenate([bin_image(image, 8).ravel() for image in images])
+    pooled = pooled[np.isfinite(pooled)]
+    selection = pooled
+    for _ in range(3):
+        median, sigma = np.median(selection), np.std(selection)
+        keep = (pooled > median - 2 * sigma) & (pooled < median + 3 * sigma)
+        if not keep.any():
+            break
+        selection = pooled[keep]
+    return float(np.median(selection))
+
+
+def master_name(kind, binning, filter_name=None):
+    """Default file name of a master: ``bias_bin1.fits``, ``flat_odi_r_bin1.fits``..."""
+    if kind == "bias":
+        return f"bias_bin{binning}.fits"
+    if kind == "dark":
+        return f"dark_yes_bin{binning}.fits"
+    return f"flat_{filter_name}_bin{binning}.fits"
+
+
+def _robust_level(image):
+    finite = image[::7, ::7]
+    finite = finite[np.isfinite(finite)]
+    return float(np.median(finite)) if finite.size else np.nan
+
+
+def combine_ota(kind, ota, files, settings, combine, exptimes, tmpdir):
+    """Reduce one OTA of every input frame, combine, and write it to a temporary file.
+
+    Returns
+    -------
+    dict
+        ``ota``, ``path`` of the temporary single-HDU file, ``nframes``, ``binned``
+        (8x8-binned image for the flat normalisation) and the ``gain``.
+    """
+    stack, headers = [], []
+    reference_time = float(np.median(exptimes)) if exptimes else 0.0
+    for filename, exptime in zip(files, exptimes):
+        try:
+            frame = reduce_ota(filename, settings)
+        except RawDataError as error:
+            logger.warning("skipped %s", error)
+            continue
+        image = frame.image
+        if kind == "dark" and exptime > 0:
+            image *= np.float32(reference_time / exptime)
+        stack.append(image)
+        headers.append(frame.header)
+    if not stack:
+        return {"ota": ota, "path": None, "nframes": 0}
+    cube = np.stack(stack)
+    del stack
+    if kind == "flat":
+        # Each frame's lamp level is brought to the stack's mean: the same factor
+        # for all OTAs of a frame when the lamp varies globally.
+        levels = np.array([_robust_level(image) for image in cube])
+        cube *= (levels.mean() / levels)[:, None, None].astype(np.float32)
+    combined, _ = clipped_combine(cube, combine)
+    del cube
+    gain = 1.0 if settings.gain else effective_gain(frame, combined if kind == "flat" else None)
+    header = fits.Header()
+    header["EXTNAME"] = ota_extname(ota)
+    header["FPPOS"] = fppos_for_ota(ota)
+    header["OTA"] = ota
+    header["NCOMBINE"] = (len(headers), "frames combined")
+    header["GAIN"] = (gain, "effective gain (e-/ADU)")
+    path = Path(tmpdir) / f"OTA{ota:02d}.fits"
+    fits.PrimaryHDU(combined, header).writeto(path, overwrite=True)
+    return {"ota": ota, "path": path, "nframes": len(headers), "gain": header["GAIN"],
+            "binned": bin_image(combined, 8) if kind == "flat" else None}
+
+
+def effective_gain(frame, flat=None):
+    """Electrons per ADU of an OTA (e-/ADU).
+
+    Without a flat, the mean gain of the used cells. A flat in ADU carries each
+    cell's gain; dividing by it leaves data in units of median(flat x gain) /
+    median(flat) electrons per ADU, which is returned.
+    """
+    gains = cell_gains(frame)
+    used = frame.used_cells
+    if flat is None:
+        return float(np.mean([gains[cy, cx] for cx, cy in used]))
+    gain_map = np.full(flat.shape, np.nan, np.float32)
+    for cx, cy in used:
+        gain_map[cell_to_ota(cx, cy, frame.binning)] = gains[cy, cx]
+    return _robust_level(flat * gain_map) / _robust_level(flat)
+
+
+def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None):
+    """Build one master calibration file from exposures of one kind and binning.
+
+    Parameters
+    ----------
+    kind : {'bias', 'dark', 'flat'}
+    exposures : list of RawExposure
+    outdir : Path
+    settings : ReductionSettings
+        Stages applied to each input (bias/dark masters to subtract included).
+
+    Returns
+    -------
+    Path
+        The master file.
+    """
+    binning = exposures[0].binning
+    filter_name = exposures[0].filter
+    filename = Path(outdir) / master_name(kind, binning, filter_name)
+    otas = sorted({ota for exposure in exposures for ota in exposure.ota_files})
+    layout = layout_for_mjd(exposures[0].mjd)
+    logger.info("%s: %d exposures, %d OTAs", filename.name, len(exposures), len(otas))
+    with tempfile.TemporaryDirectory(dir=outdir, prefix=".makecal") as tmpdir:
+        jobs = []
+        for ota in otas:
+            members = [e for e in exposures if ota in e.ota_files]
+            jobs.append((kind, ota, [e.ota_files[ota] for e in members], settings, combine,
+                         [e.exptime for e in members], tmpdir))
+        workers = max(1, min(ncpus or os.cpu_count() or 1, len(jobs)))
+        if workers == 1:
+            results = [combine_ota(*job) for job in jobs]
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                results = list(pool.map(combine_ota, *zip(*jobs)))
+        results = [r for r in results if r["path"] is not None]
+        if not results:
+            raise CalibrationError(f"{filename}: no usable input for any OTA")
+        level = 1.0
+        primary = fits.PrimaryHDU()
+        h = primary.header
+        h["PIPELINE"] = PIPELINE_NAME
+        h["OBSTYPE"] = {"bias": "BIAS", "dark": "DARK", "flat": "FLAT"}[kind]
+        h["BINNING"] = binning
+        h["NCOMBINE"] = (len(exposures), "exposures given")
+        h["COMBINE"] = (combine, "sigma-clipped statistic")
+        h["MJD-OBS"] = float(np.mean([e.mjd for e in exposures]))
+        h["EXPTIME"] = (float(np.median([e.exptime for e in exposures])) if kind != "bias" else 0.0,
+                        "s; darks are scaled to this")
+        if kind == "flat":
+            h["FILTER"] = filter_name
+            chosen = [r for r in results if r["ota"] in otas_to_normalize_flat(filter_name, layout)] \
+                or results
+            level = flat_normalisation_level([r["binned"] for r in chosen])
+            h["FF_NORM"] = (level, "level divided out (ADU)")
+            h["FF_OTAS"] = (",".join(f"{r['ota']:02d}" for r in chosen)[:68], "OTAs defining 1.0")
+        gain = float(np.mean([r["gain"] for r in results]))
+        h["GAIN"] = (gain, "effective gain (e-/ADU)")
+        for exposure in exposures:
+            h.add_history(f"input: {exposure.name}")
+        by_ota = {r["ota"]: r for r in results}
+        hdus = [primary]
+        for ota in [o for o in layout.output_order if o in by_ota]:
+            with fits.open(by_ota[ota]["path"]) as single:
+                data, header = single[0].data, single[0].header.copy()
+            if kind == "flat":
+                data /= np.float32(level)
+                with np.errstate(invalid="ignore"):
+                    data[data < 0.1] = np.nan
+                header["FF_NORM"] = (level, "level divided out")
+            for key in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND"):
+                header.remove(key, ignore_missing=True)
+            hdus.append(fits.ImageHDU(data, header))
+        write_atomic(fits.HDUList(hdus), filename)
+    return filename
+
+
+def make_calibrations(paths, outdir, settings=None, combine="median", binning=None, ncpus=None):
+    """Sort the exposures and build every master they allow; return the files written."""
+    settings = settings or ReductionSettings(crosstalk="default")
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    groups = defaultdict(list)
+    for path in read_inputs(paths):
+        try:
+            exposure = classify(path)
+        except RawDataError as error:
+            logger.warning("skipped: %s", error)
+            continue
+        if binning is not None and exposure.binning != binning:
+            logger.warning("skipped %s: binning %d, not %d", exposure.name, exposure.binning, binning)
+            continue
+        if exposure.obstype == "BIAS":
+            groups[("bias", exposure.binning, None)].append(exposure)
+        elif exposure.obstype == "DARK":
+            groups[("dark", exposure.binning, None)].append(exposure)
+        elif exposure.obstype in FLAT_TYPES:
+            groups[("flat", exposure.binning, exposure.filter)].append(exposure)
+        else:
+            logger.warning("skipped %s: OBSTYPE %r is not a calibration", exposure.name,
+                           exposure.obstype)
+    written = []
+    for kind in ("bias", "dark", "flat"):
+        for (group_kind, b, filter_name), exposures in sorted(groups.items(), key=str):
+            if group_kind != kind:
+                continue
+            stage_settings = replace(settings)
+            if kind in ("dark", "flat"):
+                stage_settings.bias = _existing(outdir / master_name("bias", b), kind)
+            if kind == "flat":
+                stage_settings.dark = _existing(outdir / master_name("dark", b), kind)
+            written.append(make_master(kind, exposures, outdir, stage_settings, combine, ncpus))
+    return written
+
+
+def _existing(path, kind):
+    if path.is_file():
+        return str(path)
+    logger.warning("no %s found for the %s master: not subtracted", path.name, kind)
+    return None
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="podi_makecalibrations",
+                                     description="Build master bias, dark and flat fields.")
+    parser.add_argument("paths", nargs="+", help="inputs (exposures, OTA files, lists), then calibdir")
+    parser.add_argument("-crosstalk", default="default",
+                        help="crosstalk matrix file, or 'none' (default: built-in coefficient)")
+    parser.add_argument("-nonlinearity", default=None, help="nonlinearity coefficient table")
+    parser.add_argument("-gain", action="store_true", help="work in electrons (as -gain in collectcells)")
+    parser.add_argument("-combine", default="median", choices=COMBINE_METHODS)
+    parser.add_argument("-binning", type=int, default=None, help="only use frames of this binning")
+    parser.add_argument("-ncpus", type=int, default=None)
+    return parser
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    if len(args.paths) < 2:
+        print("podi_makecalibrations: error: give at least one input and the output directory",
+              file=sys.stderr)
+        return 2
+    *inputs, outdir = args.paths
+    settings = ReductionSettings(crosstalk=None if args.crosstalk == "none" else args.crosstalk,
+                                 nonlinearity=args.nonlinearity, gain=args.gain)
+    try:
+        written = make_calibrations(inputs, outdir, settings, args.combine, args.binning, args.ncpus)
+    except (CalibrationError, RawDataError, OSError, ValueError) as error:
+        print(f"podi_makecalibrations: error: {error}", file=sys.stderr)
+        return 1
+    if not written:
+        print("podi_makecalibrations: error: no bias, dark or flat exposures among the inputs",
+              file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

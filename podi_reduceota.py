@@ -1,0 +1,311 @@
+"""Reduction of one OTA: from raw cells to a calibrated OTA array.
+
+The reduction is an ordered list of stages (:data:`CELL_STAGES` on the raw cells,
+then :data:`OTA_STAGES` on the assembled OTA array). Each stage is a small function
+``stage(frame, settings)`` that does one job, records itself in the OTA header
+(a ``HISTORY`` line and its keywords, as ccdproc does) and in ``frame.steps``, and
+returns silently when its calibration is not asked for.
+
+Units: ADU until the gain stage (``settings.gain``), electrons after it.
+Pixel conventions: OTA arrays are numpy ``[y, x]``, 0-based; undefined pixels
+(gaps, broken cells, masked pixels) hold ``settings.fill_value`` (NaN by default).
+"""
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+import podi_bpm
+import podi_crosstalk
+import podi_nonlinearity
+from podi_definitions import (N_CELLS, all_cells, broken_cells, cell_geometry, cell_is_science,
+                              cell_to_ota, layout_for_mjd, ota_extname)
+from podi_mef import CalibrationError, read_ota_image
+from podi_overscan import subtract_overscan
+from podi_rawdata import open_raw_ota
+
+logger = logging.getLogger(__name__)
+
+#: Primary-header cards of a raw file that describe the file, not the data.
+_STRUCTURE_CARDS = ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "NEXTEND",
+                    "BZERO", "BSCALE", "CHECKSUM", "DATASUM", "CELLGAP1", "CELLGAP2",
+                    "CNAXIS1", "CNAXIS2", "NAMPS", "PRESCAN1", "PRESCAN2", "OVRSCAN1",
+                    "OVRSCAN2", "IMNAXIS1", "IMNAXIS2")
+
+
+@dataclass
+class ReductionSettings:
+    """What to do to each OTA. Paths are resolved files (not directories).
+
+    Attributes
+    ----------
+    crosstalk : str or None
+        ``'default'`` (built-in coefficient), a matrix file, or None (off).
+    overscan_method : str
+    nonlinearity : str or None
+        Coefficient table file.
+    gain : bool
+        Multiply each cell by its gain: output in electrons.
+    bias, dark, flat : str or None
+        Master calibration files (pipeline format).
+    bpm : str or None
+        Directory of ``bpm_xy<NN>.reg`` region files.
+    fill_value : float
+        Value of undefined pixels.
+    """
+
+    crosstalk: str = None
+    overscan_method: str = "clippedmean"
+    nonlinearity: str = None
+    gain: bool = False
+    bias: str = None
+    dark: str = None
+    flat: str = None
+    bpm: str = None
+    fill_value: float = np.nan
+
+
+@dataclass
+class OTAFrame:
+    """One OTA while it is being reduced.
+
+    Attributes
+    ----------
+    filename : Path
+    ota, binning : int
+    primary : astropy.io.fits.Header
+        Raw primary header.
+    header : astropy.io.fits.Header
+        Header of the output extension, filled by the stages.
+    cells : numpy.ndarray or None
+        Raw cells ``[cy, cx, row, col]`` until assembly.
+    cell_headers : dict
+        ``(cx, cy)`` -> raw cell header.
+    image : numpy.ndarray or None
+        The OTA array after assembly.
+    files_used : dict
+        Reduction step -> absolute path of the calibration used.
+    steps : dict
+        Stage name -> ``'done'`` or a reason it was skipped.
+    """
+
+    filename: Path
+    ota: int
+    binning: int
+    primary: fits.Header
+    header: fits.Header
+    cells: np.ndarray = None
+    cell_headers: dict = field(default_factory=dict)
+    image: np.ndarray = None
+    files_used: dict = field(default_factory=dict)
+    steps: dict = field(default_factory=dict)
+
+    def record(self, step, message, filename=None):
+        self.steps[step] = "done"
+        self.header.add_history(f"{step}: {message}")
+        if filename is not None:
+            self.files_used[step] = str(Path(filename).resolve())
+
+    @property
+    def used_cells(self):
+        """Cells that hold science data: ``S`` in CELLMODE and not known broken."""
+        layout = layout_for_mjd(self.primary.get("MJD-OBS", 0.0))
+        broken = broken_cells(layout, self.ota)
+        cellmode = str(self.primary.get("CELLMODE", ""))
+        return [(cx, cy) for cx, cy in all_cells()
+                if (cx, cy) not in broken and cell_is_science(cellmode, cx, cy)]
+
+
+# --- Stages on the raw cells ----------------------------------------------------------
+
+def correct_crosstalk(frame, settings):
+    """Remove crosstalk between the cells of each cell row (on raw ADU, incl. overscan)."""
+    if settings.crosstalk is None:
+        return
+    if settings.crosstalk == "default":
+        inverse = podi_crosstalk.default_crosstalk()[1]
+        source = "built-in coefficient"
+    else:
+        inverse = podi_crosstalk.read_crosstalk(settings.crosstalk)[1]
+        source = settings.crosstalk
+    frame.cells = podi_crosstalk.apply_crosstalk(frame.cells, inverse)
+    frame.record("crosstalk", source, None if settings.crosstalk == "default" else settings.crosstalk)
+
+
+def overscan(frame, settings):
+    """Subtract each cell's overscan level."""
+    subtract_overscan(frame.cells, frame.binning, settings.overscan_method)
+    frame.record("overscan", f"per-cell {settings.overscan_method} of the overscan block")
+
+
+def nonlinearity(frame, settings):
+    """Correct each cell's nonlinearity (polynomial in overscan-subtracted ADU)."""
+    if settings.nonlinearity is None:
+        return
+    table = podi_nonlinearity.read_nonlinearity(settings.nonlinearity)
+    rows, cols = (slice(0, n) for n in _science_shape(frame.binning))
+    for cx, cy in frame.used_cells:
+        coefficients = table.coefficients(frame.ota, cx, cy)
+        if coefficients is not None:
+            podi_nonlinearity.correct_nonlinearity(frame.cells[cy, cx, rows, cols], coefficients)
+    frame.header["NONLIN"] = (Path(settings.nonlinearity).name, "nonlinearity table")
+    frame.record("nonlinearity", settings.nonlinearity, settings.nonlinearity)
+
+
+def gain(frame, settings):
+    """Multiply each cell by its gain (output in electrons).
+
+    The gain is the cell header's ``GAIN``, or with a nonlinearity table its
+    ``RELATIVE_GAIN`` times the OTA's mean header gain (DECISIONS 8).
+    """
+    if not settings.gain:
+        return
+    gains = cell_gains(frame)
+    if settings.nonlinearity is not None:
+        table = podi_nonlinearity.read_nonlinearity(settings.nonlinearity)
+        mean = np.mean([gains[cy, cx] for cx, cy in frame.used_cells])
+        for cx, cy in frame.used_cells:
+            gains[cy, cx] = table.relative_gain(frame.ota, cx, cy) * mean
+        method = "relative gain of the nonlinearity table x mean header gain"
+    else:
+        method = "cell header GAIN"
+    for cx, cy in frame.used_cells:
+        frame.cells[cy, cx] *= np.float32(gains[cy, cx])
+    frame.header["GAINMTHD"] = (method[:68], "gain applied to each cell")
+    frame.record("gain", method)
+
+
+def cell_gains(frame):
+    """Header ``GAIN`` of every cell, ``[cy, cx]`` (e-/ADU)."""
+    gains = np.ones((N_CELLS, N_CELLS))
+    for (cx, cy), header in frame.cell_headers.items():
+        gains[cy, cx] = float(header.get("GAIN", 1.0))
+    return gains
+
+
+def _science_shape(binning):
+    geometry = cell_geometry(binning)
+    return geometry.science_rows, geometry.science_cols
+
+
+def assemble(frame, settings):
+    """Place the science sections of the used cells into the OTA array."""
+    size = cell_geometry(frame.binning).ota_size
+    rows, cols = (slice(0, n) for n in _science_shape(frame.binning))
+    image = np.full((size, size), settings.fill_value, np.float32)
+    for cx, cy in frame.used_cells:
+        image[cell_to_ota(cx, cy, frame.binning)] = frame.cells[cy, cx, rows, cols]
+    frame.image, frame.cells = image, None
+    frame.header["NCELLS"] = (len(frame.used_cells), "cells with science data")
+
+
+# --- Stages on the OTA array ----------------------------------------------------------
+
+def _master(frame, filename, step):
+    size = cell_geometry(frame.binning).ota_size
+    data, header, primary = read_ota_image(filename, frame.ota, size)
+    frame.header[f"CC-{step.upper()[:5]}"] = (Path(filename).name, f"master {step}")
+    return data, header, primary
+
+
+def bias(frame, settings):
+    """Subtract the master bias."""
+    if settings.bias is None:
+        return
+    data, _, _ = _master(frame, settings.bias, "bias")
+    frame.image -= data
+    frame.record("bias", settings.bias, settings.bias)
+
+
+def dark(frame, settings):
+    """Subtract the master dark scaled by the ratio of exposure times (DECISIONS 10)."""
+    if settings.dark is None:
+        return
+    data, _, primary = _master(frame, settings.dark, "dark")
+    dark_time = float(primary.get("EXPTIME", 0.0))
+    if dark_time <= 0:
+        raise CalibrationError(f"{settings.dark}: master dark has no positive EXPTIME")
+    scale = float(frame.primary.get("EXPTIME", 0.0)) / dark_time
+    data *= np.float32(scale)
+    frame.image -= data
+    frame.header["DARKSCAL"] = (scale, "EXPTIME science / EXPTIME dark")
+    frame.record("dark", f"{settings.dark} x {scale:.4f}", settings.dark)
+
+
+def flat(frame, settings):
+    """Divide by the master flat; the flat's gain becomes the OTA's gain."""
+    if settings.flat is None:
+        return
+    data, header, primary = _master(frame, settings.flat, "flat")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frame.image /= data
+    if "GAIN" in primary:
+        frame.header["GAIN"] = (primary["GAIN"], "gain of the master flat (e-/ADU)")
+    frame.record("flat", settings.flat, settings.flat)
+
+
+def bad_pixels(frame, settings):
+    """Mask the bad pixels of the OTA's ds9 region file."""
+    if settings.bpm is None:
+        return
+    region_file = podi_bpm.bpm_filename(settings.bpm, frame.ota)
+    if not Path(region_file).is_file():
+        logger.warning("%s: no bad-pixel region file %s; OTA %02d not masked",
+                       frame.filename.name, region_file, frame.ota)
+        frame.steps["bpm"] = f"no file {region_file}"
+        return
+    count = podi_bpm.apply_bpm(frame.image, region_file, frame.binning, settings.fill_value)
+    frame.header["BPMPIX"] = (count, "pixels masked from the bad-pixel regions")
+    frame.record("bpm", str(region_file), region_file)
+
+
+CELL_STAGES = [correct_crosstalk, overscan, nonlinearity, gain, assemble]
+OTA_STAGES = [bias, dark, flat, bad_pixels]
+
+
+def _output_header(raw):
+    header = fits.Header()
+    for card in raw.header.cards:
+        if card.keyword not in _STRUCTURE_CARDS and card.keyword not in ("", "COMMENT"):
+            header.append(card)
+    header["EXTNAME"] = ota_extname(raw.ota)
+    header["OTA"] = (raw.ota, "OTA position")
+    for cx, cy in all_cells():
+        header[f"GAIN_C{cx}{cy}"] = (float(raw.cell_header(cx, cy).get("GAIN", 1.0)),
+                                     f"gain of cell {cx},{cy} (e-/ADU)")
+    return header
+
+
+def reduce_ota(filename, settings, stop_after=None):
+    """Reduce one raw OTA file.
+
+    Parameters
+    ----------
+    filename : str or Path
+    settings : ReductionSettings
+    stop_after : str, optional
+        Name of the last stage to run (e.g. ``'bias'`` for master darks).
+
+    Returns
+    -------
+    OTAFrame
+    """
+    with open_raw_ota(filename) as raw:
+        frame = OTAFrame(Path(filename), raw.ota, raw.binning, raw.header.copy(), _output_header(raw),
+                         cells=raw.cells(),
+                         cell_headers={cell: raw.cell_header(*cell).copy() for cell in all_cells()})
+    frame.files_used["raw"] = str(Path(filename).resolve())
+    gains = cell_gains(frame)
+    used = frame.used_cells
+    frame.header["GAIN"] = (float(np.mean([gains[cy, cx] for cx, cy in used])) if used else 1.0,
+                            "mean gain of the used cells (e-/ADU)")
+    for stage in CELL_STAGES + OTA_STAGES:
+        stage(frame, settings)
+        if stage.__name__ == stop_after:
+            break
+    if settings.gain:
+        frame.header["GAIN"] = (1.0, "data are in electrons")
+    return frame

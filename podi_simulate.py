@@ -1,0 +1,778 @@
+"""Simulated raw ODI exposures with a known truth (command ``podi_simulate``).
+
+The simulator writes exposures in the real on-disk format (one directory per
+exposure, one 16-bit FITS file per OTA with 64 cell extensions) and, beside the
+exposure directory, a truth record ``<exposure>.truth.fits`` and, for object
+frames, the field's reference catalog ``<exposure>.refcat.fits``.
+
+The forward model is the exact reverse of the reduction (DECISIONS 4)::
+
+    electrons (sky + stars) x flat + dark + cosmic rays  -> Poisson noise
+    -> / cell gain -> inverse nonlinearity -> + bias level, bias structure, read noise
+    -> clip at 65535 -> crosstalk (forward matrix) -> clip and round to 16 bits
+
+The camera itself (gains, read noise, bias structure, flat field, dark current, hot
+pixels, bad columns, nonlinearity) is fixed by an *instrument seed*, so that bias,
+dark, flat and object exposures of one camera share their signatures as real ones
+do; each exposure's noise, cosmic rays and bias drift come from its own seed.
+Each effect can be switched off (see :class:`Effects`). Later steps (pupil ghost,
+fringes, persistence) add functions to :data:`SIGNAL_STEPS`.
+
+Pixel conventions: OTA arrays are numpy ``[y, x]``, 0-based, at the exposure's
+binning; star positions in the truth record are 0-based pixels of that array.
+"""
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table, vstack
+from astropy.time import Time
+from astropy.wcs import WCS
+
+import podi_crosstalk
+import podi_nonlinearity
+import podi_wcs
+from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, cell_extname,
+                              cell_geometry, cell_origin, cell_to_ota, fppos_for_ota,
+                              layout_by_name, ota_origin_in_focal_plane,
+                              otas_to_normalize_flat)
+from podi_makecalibrations import flat_normalisation_level
+
+logger = logging.getLogger(__name__)
+
+#: Seed of the simulated camera: its defects are also what the package's ``bpm/``
+#: region files describe.
+INSTRUMENT_SEED = 2013
+
+#: Mean gain of the simulated cells (e-/ADU).
+NOMINAL_GAIN = 1.3
+
+#: Electrons per second for a star of magnitude 0 is 10**(0.4 * ZP_E[filter]).
+ZP_E = {"odi_u": 23.6, "odi_g": 26.3, "odi_r": 26.4, "odi_i": 25.9, "odi_z": 24.9}
+
+#: Dark-sky rate in electrons per second per unbinned pixel.
+SKY_RATE = {"odi_u": 0.3, "odi_g": 1.5, "odi_r": 3.0, "odi_i": 5.0, "odi_z": 6.0}
+
+#: Reference-catalog band of each filter.
+FILTER_BAND = {"odi_u": "u", "odi_g": "g", "odi_r": "r", "odi_i": "i", "odi_z": "z"}
+
+_FILTER_IDS = {"odi_g": "w104", "odi_r": "w105", "odi_i": "w103", "odi_z": "w101",
+               "odi_u": "c6022"}
+_FILTER_ARM = {"odi_g": "FLTARM1A", "odi_r": "FLTARM1B", "odi_i": "FLTARM2A",
+               "odi_z": "FLTARM2B", "odi_u": "FLTARM3A"}
+
+#: Radius (degrees) of the simulated star field around the pointing: covers both
+#: focal planes with room for pointing errors.
+FIELD_RADIUS = 0.85
+
+
+@dataclass
+class Effects:
+    """Switches for every effect the pipeline removes (all on by default)."""
+
+    bias: bool = True          # per-cell bias level + matching overscan + bias structure
+    read_noise: bool = True
+    gain: bool = True          # per-cell gain differences (off: every cell 1.3 e-/ADU)
+    dark: bool = True          # dark current incl. hot pixels
+    flat: bool = True          # flat-field pattern incl. bad columns
+    sky: bool = True
+    stars: bool = True
+    poisson: bool = True
+    crosstalk: bool = True
+    nonlinearity: bool = True
+    cosmics: bool = True
+    distortion: bool = True    # radial optical distortion of the true WCS
+
+
+@dataclass
+class ExposureSpec:
+    """What to simulate. Angles in degrees, times in seconds unless stated."""
+
+    obstype: str = "OBJECT"
+    layout: str = "podi"
+    otas: tuple = None          # None: all OTAs of the layout
+    binning: int = 1
+    seed: int = 1
+    field_seed: int = None      # star field; None: same as seed
+    instrument_seed: int = INSTRUMENT_SEED
+    exptime: float = 300.0
+    filter: str = "odi_r"
+    mjd: float = 56620.1
+    ra: float = 150.0           # true pointing
+    dec: float = 30.0
+    pointing_error: tuple = (0.0, 0.0)   # header minus true, arcsec (dRA cos(dec), dDec)
+    rotator_error: float = 0.0  # true WCS rotated by this angle (degrees)
+    star_density: float = 4000.0  # stars per square degree brighter than mag 22
+    fwhm: float = 1.0           # arcsec
+    moffat_beta: float = 3.5
+    sky_rate: float = None      # e-/s/unbinned pixel; None: filter default
+    flat_level: float = 30000.0  # DFLAT lamp level, ADU at the nominal gain
+    airmass: float = 1.1
+    object_name: str = "simulated field"
+    sequence: int = 1
+    crosstalk_file: str = None
+    effects: Effects = dataclasses.field(default_factory=Effects)
+
+
+# --- The camera ---------------------------------------------------------------------
+
+class Instrument:
+    """The simulated camera: everything fixed by the instrument seed.
+
+    Every quantity is drawn from its own random stream keyed by (seed, OTA, name),
+    so it does not depend on which other OTAs or quantities are simulated.
+    """
+
+    def __init__(self, layout, seed=INSTRUMENT_SEED, effects=None):
+        self.layout = layout
+        self.seed = seed
+        self.effects = effects or Effects()
+
+    def _rng(self, ota, name):
+        return np.random.default_rng([self.seed, ota, sum(map(ord, name)) * 7919 + len(name)])
+
+    def gains(self, ota):
+        """Cell gains (e-/ADU), array ``[cy, cx]``."""
+        if not self.effects.gain:
+            return np.full((N_CELLS, N_CELLS), NOMINAL_GAIN)
+        return NOMINAL_GAIN * (1 + 0.06 * self._rng(ota, "gain").standard_normal((N_CELLS, N_CELLS)))
+
+    def read_noise(self, ota):
+        """Cell read noise (ADU), array ``[cy, cx]``."""
+        return 6.5 + 0.4 * self._rng(ota, "rdnoise").standard_normal((N_CELLS, N_CELLS))
+
+    def bias_level(self, ota):
+        """Mean bias level of each cell (ADU) before the per-exposure drift."""
+        return 1200 + 300 * self._rng(ota, "bias").random((N_CELLS, N_CELLS))
+
+    def bias_structure(self, ota, binning, cell_shape):
+        """Fixed bias pattern left after overscan subtraction (ADU), ``[cy, cx, row, col]``.
+
+        Zero in the overscan block, so that the overscan matches the bias level.
+        """
+        rows, cols = cell_shape
+        overscan_start = cell_geometry(binning).overscan_cols[0]
+        slopes = self._rng(ota, "biasstructure").uniform(-4, 4, (N_CELLS, N_CELLS, 2))
+        y = (np.arange(rows, dtype=np.float32) / rows - 0.5)[:, None]
+        x = (np.arange(overscan_start, dtype=np.float32) / overscan_start - 0.5)[None, :]
+        ripple = 0.8 * np.sin(2 * np.pi * np.arange(overscan_start) * binning / 37.0)
+        out = np.zeros((N_CELLS, N_CELLS, rows, cols), np.float32)
+        for cy, cx in np.ndindex(N_CELLS, N_CELLS):
+            out[cy, cx, :, :overscan_start] = slopes[cy, cx, 0] * y + slopes[cy, cx, 1] * x + ripple
+        return out
+
+    def _defects(self, ota, name, count, length):
+        """Positions of defects in unbinned OTA pixels: ``(x, y0, y1)`` per defect."""
+        rng = self._rng(ota, name)
+        x = rng.integers(20, 4016, count)
+        y0 = rng.integers(0, 4000, count)
+        return x, y0, np.minimum(y0 + rng.integers(1, length + 1, count), 4096)
+
+    def hot_pixels(self, ota):
+        """Hot pixels: unbinned ``(x, y)`` and dark current (e-/s)."""
+        x, y, _ = self._defects(ota, "hot", 150, 1)
+        rate = 10 ** self._rng(ota, "hotrate").uniform(0, 1.5, x.size)
+        return x, y, rate
+
+    def bad_columns(self, ota):
+        """Bad columns: unbinned ``(x, y0, y1)`` (rows y0..y1-1) of low response."""
+        return self._defects(ota, "badcol", 4, 1500)
+
+    def dark_current(self, ota, binning):
+        """Dark current (e-/s per pixel of the given binning) on the OTA array."""
+        size = cell_geometry(binning).ota_size
+        dark = np.full((size, size), 0.003 * binning**2, np.float32)
+        x, y, rate = self.hot_pixels(ota)
+        np.add.at(dark, (y // binning, x // binning), rate.astype(np.float32))
+        return dark
+
+    def flat(self, ota, binning):
+        """Relative response (quantum efficiency x illumination) on the OTA array.
+
+        A smooth vignetting over the focal plane, an OTA and a cell factor, 1 %
+        pixel-to-pixel noise and bad columns at 40 % response.
+        """
+        size = cell_geometry(binning).ota_size
+        if not self.effects.flat:
+            return np.ones((size, size), np.float32)
+        rng = self._rng(ota, "flat")
+        x0, y0 = ota_origin_in_focal_plane(ota, binning)
+        coords = np.arange(size, dtype=np.float32)
+        r2 = ((x0 + coords[None, :]) ** 2 + (y0 + coords[:, None]) ** 2) * (binning / 20000.0) ** 2
+        flat = (1.0 - 0.08 * r2).astype(np.float32)
+        flat *= np.float32(1 + 0.03 * rng.standard_normal())
+        cell_factor = 1 + 0.02 * rng.standard_normal((N_CELLS, N_CELLS))
+        for cx, cy in all_cells():
+            flat[cell_to_ota(cx, cy, binning)] *= np.float32(cell_factor[cy, cx])
+        flat *= 1 + 0.01 * rng.standard_normal((size, size), dtype=np.float32)
+        for x, y0, y1 in zip(*self.bad_columns(ota)):
+            flat[y0 // binning:(y1 + binning - 1) // binning, x // binning] *= np.float32(0.4)
+        return flat
+
+    def nonlinearity(self, ota):
+        """Correction coefficients ``[cy, cx, (c2, c3)]`` of the nonlinearity model."""
+        rng = self._rng(ota, "nonlin")
+        c2 = -7e-7 * (1 + 0.25 * rng.standard_normal((N_CELLS, N_CELLS)))
+        return np.stack([c2, -c2 * 8.5e-6], axis=-1)
+
+    def cellmode(self, ota):
+        """``CELLMODE`` string: ``S`` everywhere but the broken cells (``D``)."""
+        mode = ["S"] * (N_CELLS * N_CELLS)
+        for cx, cy in broken_cells(self.layout, ota):
+            mode[cx + N_CELLS * cy] = "D"
+        return "".join(mode)
+
+    def write_nonlinearity_table(self, directory, otas):
+        """Write this camera's nonlinearity table and history into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        rows = [(ota, cx, cy, self.nonlinearity(ota)[cy, cx],
+                 self.gains(ota)[cy, cx] / self.gains(ota).mean())
+                for ota in otas for cx, cy in all_cells()]
+        ota, cellx, celly, coeffs, relgain = (np.array(col) for col in zip(*rows))
+        table = directory / "nonlinearity_simulated.fits"
+        podi_nonlinearity.write_nonlinearity(table, ota, cellx, celly, coeffs, relgain, overwrite=True)
+        (directory / "nonlinearity.history").write_text("# simulated camera\n0.0 nonlinearity_simulated.fits\n")
+        return table
+
+
+# --- The sky ------------------------------------------------------------------------
+
+def moffat_alpha(fwhm, beta):
+    """Moffat core radius alpha for a given FWHM (same units)."""
+    return fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
+
+
+def moffat_enclosed(radius, fwhm, beta):
+    """Fraction of a Moffat profile's flux inside ``radius`` (same units as fwhm)."""
+    alpha = moffat_alpha(fwhm, beta)
+    return 1 - (1 + (radius / alpha) ** 2) ** (1 - beta)
+
+
+def star_field(spec):
+    """The field's stars: true positions and magnitudes in every band.
+
+    Returns
+    -------
+    astropy.table.Table
+        ``ra``, ``dec`` (degrees), ``u g r i z`` true magnitudes.
+    """
+    rng = np.random.default_rng([spec.field_seed if spec.field_seed is not None else spec.seed, 7])
+    m_bright, m_faint, slope = 13.0, 24.0, 0.3
+    area = math.pi * FIELD_RADIUS**2
+    n_total = spec.star_density * area * 10 ** (slope * (m_faint - 22.0))
+    number = rng.poisson(n_total)
+    # N(<m) grows as 10**(slope m) between the bright and faint limits.
+    lo, hi = 10 ** (slope * m_bright), 10 ** (slope * m_faint)
+    r_mag = np.log10(lo + rng.random(number) * (hi - lo)) / slope
+    # Uniform on the sphere within FIELD_RADIUS of the pointing, built around the pole.
+    cos_r = 1 - rng.random(number) * (1 - math.cos(math.radians(FIELD_RADIUS)))
+    rho, phi = np.degrees(np.arccos(cos_r)), rng.uniform(0, 360, number)
+    ra, dec = _offset_position(spec.ra, spec.dec, rho, phi)
+    g_r = rng.uniform(0.2, 1.4, number)
+    table = Table({"ra": ra, "dec": dec, "r": r_mag})
+    table["g"] = r_mag + g_r
+    table["u"] = table["g"] + 1.0 + 0.8 * g_r
+    table["i"] = r_mag - 0.4 * g_r
+    table["z"] = table["i"] - 0.2 * g_r
+    return table
+
+
+def _offset_position(ra, dec, rho, phi):
+    """Position at angular distance ``rho`` and position angle ``phi`` (degrees)."""
+    d0, r0 = math.radians(dec), math.radians(ra)
+    rho, phi = np.radians(rho), np.radians(phi)
+    sin_d = math.sin(d0) * np.cos(rho) + math.cos(d0) * np.sin(rho) * np.cos(phi)
+    dec_out = np.arcsin(np.clip(sin_d, -1, 1))
+    dra = np.arctan2(np.sin(phi) * np.sin(rho) * math.cos(d0), np.cos(rho) - math.sin(d0) * sin_d)
+    return np.degrees(r0 + dra) % 360, np.degrees(dec_out)
+
+
+def reference_catalog(stars, rng, limit=22.0):
+    """Reference catalog of the field: noisy magnitudes with errors, ``r < limit``."""
+    bright = stars[stars["r"] < limit]
+    out = Table({"ra": bright["ra"], "dec": bright["dec"]})
+    for band in "ugriz":
+        error = 0.005 + 0.02 * 10 ** (0.4 * (bright[band] - 21.0))
+        out[band] = bright[band] + error * rng.standard_normal(len(bright))
+        out[f"{band}_err"] = error
+    return out
+
+
+# --- One OTA ----------------------------------------------------------------------
+
+def render_stars(image, x, y, flux, fwhm_px, beta):
+    """Add Moffat stars (total electrons ``flux``) at 0-based pixel positions in place."""
+    alpha = moffat_alpha(fwhm_px, beta)
+    norm = (beta - 1) / (math.pi * alpha**2)
+    ny, nx = image.shape
+    for xs, ys, f in zip(x, y, flux):
+        # Stamp radius where the flux lost beyond it drops under ~1 electron.
+        radius = int(min(300, max(4 * fwhm_px, alpha * f ** (1 / (2 * beta - 2)))))
+        x0, x1 = max(int(xs) - radius, 0), min(int(xs) + radius + 1, nx)
+        y0, y1 = max(int(ys) - radius, 0), min(int(ys) + radius + 1, ny)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        dx2 = (np.arange(x0, x1) - xs) ** 2
+        dy2 = (np.arange(y0, y1) - ys) ** 2
+        stamp = (1 + (dy2[:, None] + dx2[None, :]) / alpha**2) ** (-beta)
+        image[y0:y1, x0:x1] += (f * norm * stamp).astype(np.float32)
+
+
+def local_pixel_scale(wcs, x, y):
+    """Pixel scale (arcsec/pixel, square root of the pixel area) at pixel (x, y)."""
+    ra, dec = wcs.all_pix2world([x, x + 1, x], [y, y, y + 1], 0)
+    cos_d = math.cos(math.radians(dec[0]))
+    dx = np.array([(ra[1] - ra[0]) * cos_d, dec[1] - dec[0]])
+    dy = np.array([(ra[2] - ra[0]) * cos_d, dec[2] - dec[0]])
+    return math.sqrt(abs(dx[0] * dy[1] - dx[1] * dy[0])) * 3600
+
+
+def _sky_signal(spec, instrument, ota, wcs, stars, rng):
+    """Electrons from the sky and the stars (before the flat), and star truth."""
+    size = cell_geometry(spec.binning).ota_size
+    image = np.zeros((size, size), np.float32)
+    truth = Table(names=("index", "x", "y", "flux"), dtype=(int, float, float, float))
+    if spec.obstype == "DFLAT":
+        # The lamp lights every OTA alike: flat_level ADU at the nominal gain.
+        image += np.float32(spec.flat_level * NOMINAL_GAIN)
+        return image, truth
+    if spec.obstype != "OBJECT":
+        return image, truth
+    if spec.effects.sky:
+        image += np.float32(_sky_rate(spec) * spec.binning**2 * spec.exptime)
+    if spec.effects.stars and len(stars):
+        x, y = wcs.all_world2pix(stars["ra"], stars["dec"], 0, quiet=True)
+        margin = 60
+        on = (x > -margin) & (x < size + margin) & (y > -margin) & (y < size + margin)
+        flux = 10 ** (-0.4 * (stars[FILTER_BAND[spec.filter]][on] - ZP_E[spec.filter])) * spec.exptime
+        fwhm_px = spec.fwhm / local_pixel_scale(wcs, size / 2, size / 2)
+        render_stars(image, x[on], y[on], flux, fwhm_px, spec.moffat_beta)
+        truth = Table({"index": np.flatnonzero(on), "x": x[on], "y": y[on], "flux": flux})
+    return image, truth
+
+
+def _sky_rate(spec):
+    return spec.sky_rate if spec.sky_rate is not None else SKY_RATE[spec.filter]
+
+
+def _cosmic_rays(image, exptime, binning, rng):
+    """Add cosmic-ray hits (short tracks of 1-6 pixels) in place."""
+    size = image.shape[0]
+    count = rng.poisson(1.0 * exptime)  # ~1 hit per second per OTA
+    for _ in range(count):
+        x, y = rng.integers(0, size, 2)
+        length = rng.integers(1, 7)
+        angle = rng.uniform(0, np.pi)
+        xs = np.clip((x + np.arange(length) * np.cos(angle)).astype(int), 0, size - 1)
+        ys = np.clip((y + np.arange(length) * np.sin(angle)).astype(int), 0, size - 1)
+        image[ys, xs] += np.float32(rng.uniform(300, 5000))
+
+
+#: Steps building the electron image of an OTA, in order; each takes
+#: ``(image, spec, instrument, ota, rng)`` and changes ``image`` in place.
+def _apply_flat(image, spec, instrument, ota, rng):
+    if spec.effects.flat:
+        image *= instrument.flat(ota, spec.binning)
+
+
+def _add_dark(image, spec, instrument, ota, rng):
+    if spec.effects.dark and spec.obstype != "BIAS":
+        image += instrument.dark_current(ota, spec.binning) * np.float32(spec.exptime)
+
+
+def _add_cosmics(image, spec, instrument, ota, rng):
+    if spec.effects.cosmics and spec.obstype != "BIAS":
+        _cosmic_rays(image, spec.exptime, spec.binning, rng)
+
+
+SIGNAL_STEPS = [_apply_flat, _add_dark, _add_cosmics]
+
+
+def simulate_ota(spec, ota, stars, wcs_header, path, primary_cards):
+    """Simulate and write one OTA file; return its truth tables.
+
+    Returns
+    -------
+    dict
+        ``stars`` (index into the field, x, y, flux in electrons) and ``cells``
+        (gain, read noise, bias level of each cell for this exposure).
+    """
+    layout = layout_by_name(spec.layout)
+    instrument = Instrument(layout, spec.instrument_seed, spec.effects)
+    rng = np.random.default_rng([spec.seed, ota, 11])
+    geometry = cell_geometry(spec.binning)
+    wcs = WCS(wcs_header)
+    electrons, star_truth = _sky_signal(spec, instrument, ota, wcs, stars, rng)
+    for step in SIGNAL_STEPS:
+        step(electrons, spec, instrument, ota, rng)
+
+    gains, read_noise = instrument.gains(ota), instrument.read_noise(ota)
+    level = instrument.bias_level(ota) + rng.normal(0, 15, (N_CELLS, N_CELLS))
+    cells = np.zeros((N_CELLS, N_CELLS) + geometry.raw_shape, np.float32)
+    coefficients = instrument.nonlinearity(ota)
+    for cx, cy in all_cells():
+        signal = electrons[cell_to_ota(cx, cy, spec.binning)]
+        if spec.effects.poisson:
+            signal = rng.poisson(np.maximum(signal, 0)).astype(np.float32)
+        signal /= np.float32(gains[cy, cx])
+        if spec.effects.nonlinearity:
+            podi_nonlinearity.apply_inverse_nonlinearity(signal, coefficients[cy, cx])
+        cells[cy, cx, :geometry.science_rows, :geometry.science_cols] = signal
+    if spec.effects.bias:
+        cells += level[:, :, None, None].astype(np.float32)
+        cells += instrument.bias_structure(ota, spec.binning, geometry.raw_shape)
+    if spec.effects.read_noise:
+        cells += rng.standard_normal(cells.shape, dtype=np.float32) * \
+            read_noise[:, :, None, None].astype(np.float32)
+    np.clip(cells, 0, SATURATION_ADU, out=cells)
+    if spec.effects.crosstalk:
+        forward = _crosstalk_forward(spec)
+        cells = podi_crosstalk.apply_crosstalk(cells, forward)
+    raw = np.clip(np.rint(cells), 0, SATURATION_ADU).astype(np.uint16)
+    _write_ota_file(path, spec, instrument, ota, raw, gains, primary_cards)
+
+    cell_truth = Table({"ota": np.full(64, ota), "cx": [c[0] for c in all_cells()],
+                        "cy": [c[1] for c in all_cells()]})
+    cell_truth["gain"] = [gains[cy, cx] for cx, cy in all_cells()]
+    cell_truth["rdnoise"] = [read_noise[cy, cx] for cx, cy in all_cells()]
+    cell_truth["bias_level"] = [level[cy, cx] if spec.effects.bias else 0.0 for cx, cy in all_cells()]
+    return {"stars": star_truth, "cells": cell_truth}
+
+
+def _crosstalk_forward(spec):
+    if spec.crosstalk_file:
+        return podi_crosstalk.read_crosstalk(spec.crosstalk_file)[0]
+    return podi_crosstalk.default_crosstalk()[0]
+
+
+def _write_ota_file(path, spec, instrument, ota, raw, gains, primary_cards):
+    primary = fits.PrimaryHDU()
+    primary.header.extend(primary_cards)
+    primary.header["FILENAME"] = path.name
+    primary.header["FPPOS"] = fppos_for_ota(ota)
+    primary.header["OTA_ID"] = instrument.layout.serials[ota]
+    primary.header["CELLMODE"] = instrument.cellmode(ota)
+    hdus = [primary]
+    b = spec.binning
+    geometry = cell_geometry(b)
+    rows, cols = geometry.raw_shape
+    for cx, cy in all_cells():
+        hdu = fits.ImageHDU(raw[cy, cx])
+        x1, y1 = cell_origin(cx, cy, b)
+        header = hdu.header
+        header["EXTNAME"] = cell_extname(cx, cy)
+        header["WN_CELLX"] = cx
+        header["WN_CELLY"] = cy
+        header["GAIN"] = (round(float(gains[cy, cx]), 4), "e-/ADU")
+        header["CCDSUM"] = f"{b} {b}"
+        header["CCDBIN1"] = b
+        header["CCDBIN2"] = b
+        header["DATASEC"] = f"[1:{geometry.science_cols},1:{geometry.science_rows}]"
+        header["BIASSEC"] = f"[{geometry.overscan_cols[0] + 1}:{geometry.overscan_cols[1]},1:{rows}]"
+        header["DETSEC"] = f"[{x1 + 1}:{x1 + geometry.science_cols},{y1 + 1}:{y1 + geometry.science_rows}]"
+        header["LTV1"] = -x1
+        header["LTV2"] = -y1
+        if (cx, cy) == (0, 7):
+            header["CRPIX1"] = 1.0
+            header["CRPIX2"] = 1.0
+        hdus.append(hdu)
+    tmp = path.with_name(path.name + ".tmp")
+    fits.HDUList(hdus).writeto(tmp, overwrite=True)
+    os.replace(tmp, path)
+
+
+def _primary_cards(spec, header_ra, header_dec, obsid):
+    time = Time(spec.mjd, format="mjd", scale="utc")
+    date, clock = time.isot.split("T")
+    cards = fits.Header()
+    cards["OBSID"] = obsid
+    cards["OBSTYPE"] = spec.obstype
+    cards["OBJECT"] = spec.object_name if spec.obstype == "OBJECT" else spec.obstype.lower()
+    cards["FILTER"] = spec.filter
+    cards["FILTERID"] = _FILTER_IDS.get(spec.filter, spec.filter)
+    cards["FILTDSCR"] = f"{spec.filter} (simulated)"
+    cards["EXPTIME"] = (float(spec.exptime) if spec.obstype != "BIAS" else 0.0, "s")
+    cards["EXPMEAS"] = cards["EXPTIME"]
+    cards["MJD-OBS"] = spec.mjd
+    cards["DATE-OBS"] = time.isot
+    cards["TIME-OBS"] = clock
+    cards["RA"] = header_ra
+    cards["DEC"] = header_dec
+    cards["TARGRA"] = header_ra
+    cards["TARGDEC"] = header_dec
+    cards["TELRAOFF"] = 0.0
+    cards["TELDECOF"] = 0.0
+    cards["RADESYS"] = "ICRS"
+    cards["EQUINOX"] = 2000.0
+    cards["AIRMASS"] = spec.airmass
+    cards["ZD"] = math.degrees(math.acos(1 / spec.airmass))
+    cards["ROTSTART"] = 0.0
+    cards["ROTEND"] = 0.0
+    cards["ROTOFF"] = 0.0
+    for level in (1, 2, 3):
+        for arm in "ABC":
+            key = f"FLTARM{level}{arm}"
+            cards[key] = "IN" if _FILTER_ARM.get(spec.filter) == key else "OUT"
+    cards["CCDBIN1"] = spec.binning
+    cards["CCDBIN2"] = spec.binning
+    cards["CCDSUM"] = f"{spec.binning} {spec.binning}"
+    cards["DETSIZE"] = "[1:4036, 1:4015]"
+    cards["TELFOCUS"] = 1000.0
+    cards["ADCMODE"] = "OFF"
+    cards["ADCANG1"] = 0.0
+    cards["ADCANG2"] = 0.0
+    cards["INSTRUME"] = "podi" if spec.layout == "podi" else "odi_5x6"
+    cards["TELESCOP"] = "WIYN"
+    cards["OBSERVAT"] = "KPNO"
+    cards["ORIGIN"] = "podi_simulate"
+    # The raw IRAF WCS the pipeline must replace (current wcslib rejects WAT cards).
+    cards["CTYPE1"] = "RA---ZPX"
+    cards["CTYPE2"] = "DEC--ZPX"
+    cards["WAT0_001"] = "system=image"
+    cards["WAT1_001"] = "wtype=zpx axtype=ra projp1=1. projp3=220."
+    cards["WAT2_001"] = "wtype=zpx axtype=dec projp1=1. projp3=220."
+    return cards
+
+
+def exposure_name(spec):
+    """Directory name ``o<YYYYMMDDThhmmss>.<sequence>`` of the exposure."""
+    stamp = Time(spec.mjd, format="mjd", scale="utc").strftime("%Y%m%dT%H%M%S")
+    return f"o{stamp}.{spec.sequence}"
+
+
+def simulate_exposure(spec, outdir, ncpus=None):
+    """Simulate one exposure and write it, its truth record and reference catalog.
+
+    Parameters
+    ----------
+    spec : ExposureSpec
+    outdir : str or Path
+        Parent folder; the exposure directory is created inside it.
+    ncpus : int, optional
+        Worker processes (one OTA each); default all cores.
+
+    Returns
+    -------
+    Path
+        The exposure directory.
+    """
+    layout = layout_by_name(spec.layout)
+    otas = tuple(spec.otas) if spec.otas else layout.otas
+    unknown = set(otas) - set(layout.otas)
+    if unknown:
+        raise ValueError(f"OTAs {sorted(unknown)} do not exist in layout {layout.name}")
+    outdir = Path(outdir)
+    name = exposure_name(spec)
+    directory = outdir / name
+    directory.mkdir(parents=True, exist_ok=True)
+
+    # The header pointing as a string is what the truth is measured against.
+    dec_error = spec.pointing_error[1] / 3600
+    ra_error = spec.pointing_error[0] / 3600 / math.cos(math.radians(spec.dec))
+    header_ra, header_dec = podi_wcs.format_pointing((spec.ra + ra_error) % 360, spec.dec + dec_error)
+    true_ra, true_dec = podi_wcs.parse_pointing({"RA": podi_wcs.format_pointing(spec.ra, spec.dec)[0],
+                                                 "DEC": podi_wcs.format_pointing(spec.ra, spec.dec)[1]})
+    spec = dataclasses.replace(spec, ra=true_ra, dec=true_dec)
+    hdr_ra, hdr_dec = podi_wcs.parse_pointing({"RA": header_ra, "DEC": header_dec})
+
+    stars = star_field(spec) if spec.obstype == "OBJECT" else star_field(
+        dataclasses.replace(spec, star_density=0))
+    cards = _primary_cards(spec, header_ra, header_dec, name[1:])
+    wcs_headers = {ota: true_ota_wcs(spec, ota) for ota in otas}
+    jobs = [(spec, ota, stars, wcs_headers[ota], directory / f"{name}.{ota:02d}.fits", cards)
+            for ota in otas]
+    workers = max(1, min(ncpus or os.cpu_count() or 1, len(jobs)))
+    if workers == 1:
+        results = [simulate_ota(*job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(simulate_ota, *zip(*jobs)))
+    write_truth(outdir / f"{name}.truth.fits", spec, otas, stars, results, wcs_headers,
+                (hdr_ra, hdr_dec))
+    if spec.obstype == "OBJECT":
+        rng = np.random.default_rng([spec.seed, 99])
+        reference_catalog(stars, rng).write(outdir / f"{name}.refcat.fits", overwrite=True)
+    logger.info("simulated %s: %d OTAs, binning %d", directory, len(otas), spec.binning)
+    return directory
+
+
+def true_ota_wcs(spec, ota):
+    """Header of the true WCS of an OTA (model distortion, true pointing, rotation)."""
+    canned = podi_wcs.model_canned_wcs(layout_by_name(spec.layout))
+    header = podi_wcs.ota_wcs_header(_canned_extension(canned, ota), spec.ra, spec.dec, spec.binning)
+    if not spec.effects.distortion:
+        for key in [k for k in header if k.startswith("PV")]:
+            del header[key]
+        header["PV1_1"] = 1.0
+        header["PV2_1"] = 1.0
+    if spec.rotator_error:
+        angle = math.radians(spec.rotator_error)
+        rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        cd = np.array([[header["CD1_1"], header["CD1_2"]], [header["CD2_1"], header["CD2_2"]]])
+        (header["CD1_1"], header["CD1_2"]), (header["CD2_1"], header["CD2_2"]) = rotation @ cd
+    return header
+
+
+def _canned_extension(canned, ota):
+    return canned[f"OTA{ota:02d}.SCI"].header
+
+
+def true_flat_level(spec, otas):
+    """Level of the master flat that the pipeline would make from this camera.
+
+    Returns
+    -------
+    (float, float)
+        Normalisation of flat/gain (output in ADU) and of the flat alone (``-gain``).
+    """
+    layout = layout_by_name(spec.layout)
+    instrument = Instrument(layout, spec.instrument_seed, spec.effects)
+    chosen = [ota for ota in otas if ota in otas_to_normalize_flat(spec.filter, layout)] or list(otas)
+    adu, electrons = [], []
+    for ota in chosen:
+        flat = instrument.flat(ota, spec.binning)
+        gain_map = np.full(flat.shape, np.nan, np.float32)
+        gains = instrument.gains(ota)
+        for cx, cy in all_cells():
+            if (cx, cy) not in broken_cells(layout, ota):
+                gain_map[cell_to_ota(cx, cy, spec.binning)] = gains[cy, cx]
+        electrons.append(np.where(np.isfinite(gain_map), flat, np.nan))
+        adu.append(flat / gain_map)
+    return flat_normalisation_level(adu), flat_normalisation_level(electrons)
+
+
+def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointing):
+    """Write the truth record of an exposure (see module docstring)."""
+    primary = fits.PrimaryHDU()
+    h = primary.header
+    h["OBSTYPE"] = spec.obstype
+    h["LAYOUT"] = spec.layout
+    h["BINNING"] = spec.binning
+    h["FILTER"] = spec.filter
+    h["EXPTIME"] = spec.exptime if spec.obstype != "BIAS" else 0.0
+    h["SEED"] = spec.seed
+    h["INSTSEED"] = spec.instrument_seed
+    h["TRUE_RA"] = (spec.ra, "true pointing = tangent point (deg)")
+    h["TRUE_DEC"] = (spec.dec, "true pointing = tangent point (deg)")
+    h["HDR_RA"] = (header_pointing[0], "pointing the header RA string encodes (deg)")
+    h["HDR_DEC"] = (header_pointing[1], "pointing the header DEC string encodes (deg)")
+    h["ROTERR"] = (spec.rotator_error, "rotator error (deg)")
+    h["FWHM"] = (spec.fwhm, "Moffat FWHM (arcsec)")
+    h["MOFFBETA"] = (spec.moffat_beta, "Moffat beta")
+    for key, value in dataclasses.asdict(spec.effects).items():
+        h[f"EFF_{key[:4].upper()}"] = (value, f"effect {key}")
+    if spec.obstype == "OBJECT":
+        norm_adu, norm_e = true_flat_level(spec, otas)
+        zp_e = ZP_E[spec.filter]
+        aperture = moffat_enclosed(1.5, spec.fwhm, spec.moffat_beta)
+        sky_e = _sky_rate(spec) * spec.binning**2 * spec.exptime if spec.effects.sky else 0.0
+        h["ZP_E"] = (zp_e, "mag of 1 e-/s total flux")
+        h["FLATNRMA"] = (norm_adu, "master-flat level of flat/gain (ADU per e-)")
+        h["FLATNRME"] = (norm_e, "master-flat level of the flat (with -gain)")
+        h["PHOTZPT"] = (zp_e + 2.5 * math.log10(norm_adu), "true ZP, total flux, ADU/s")
+        h["APFRAC3"] = (aperture, "flux fraction in a 3 arcsec diameter aperture")
+        h["PHOTZP3"] = (h["PHOTZPT"] + 2.5 * math.log10(aperture), "true ZP, 3\" aperture, ADU/s")
+        h["SKY_E"] = (sky_e, "sky per pixel in the exposure (e-)")
+        h["SKY_ADU"] = (sky_e * norm_adu, "true sky in reduced ADU")
+    star_rows = [r["stars"] for r in results]
+    ota_column = np.concatenate([np.full(len(t), ota) for ota, t in zip(otas, star_rows)]) \
+        if star_rows else np.array([], int)
+    on_otas = Table(names=("index", "x", "y", "flux"), dtype=(int, float, float, float))
+    if any(len(t) for t in star_rows):
+        on_otas = vstack([t for t in star_rows if len(t)])
+    star_table = Table({"ra": stars["ra"][on_otas["index"]], "dec": stars["dec"][on_otas["index"]],
+                        "mag": stars[FILTER_BAND.get(spec.filter, "r")][on_otas["index"]]
+                        if len(on_otas) else np.array([]),
+                        "ota": ota_column[:len(on_otas)], "x": on_otas["x"], "y": on_otas["y"],
+                        "flux_e": on_otas["flux"]})
+    hdus = [primary, fits.BinTableHDU(star_table, name="STARS")]
+    hdus.append(fits.BinTableHDU(vstack([r["cells"] for r in results]), name="CELLS"))
+    for ota in otas:
+        hdus.append(fits.ImageHDU(header=wcs_headers[ota], name=f"OTA{ota:02d}.WCS"))
+    fits.HDUList(hdus).writeto(filename, overwrite=True)
+
+
+# --- Command line -----------------------------------------------------------------
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="podi_simulate",
+        description="Write simulated raw ODI exposures with a truth record.")
+    parser.add_argument("outdir", help="folder to write the exposure directory into")
+    parser.add_argument("--obstype", default="OBJECT", choices=("OBJECT", "BIAS", "DARK", "DFLAT"))
+    parser.add_argument("--layout", default="podi", choices=("podi", "odi_5x6"))
+    parser.add_argument("--otas", default=None, help="comma-separated OTAs (default: all)")
+    parser.add_argument("--binning", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--count", type=int, default=1,
+                        help="number of exposures (seeds and sequence numbers count up)")
+    parser.add_argument("--exptime", type=float, default=300.0)
+    parser.add_argument("--filter", default="odi_r", choices=sorted(ZP_E))
+    parser.add_argument("--mjd", type=float, default=None,
+                        help="MJD-OBS (default 56620.1 for podi, 57500.1 for odi_5x6)")
+    parser.add_argument("--ra", type=float, default=150.0, help="true pointing RA (deg)")
+    parser.add_argument("--dec", type=float, default=30.0, help="true pointing Dec (deg)")
+    parser.add_argument("--pointing-error", default="0,0",
+                        help="header minus true pointing, 'dRA*cos(dec),dDec' in arcsec")
+    parser.add_argument("--rotator-error", type=float, default=0.0, help="degrees")
+    parser.add_argument("--star-density", type=float, default=4000.0,
+                        help="stars per square degree brighter than mag 22")
+    parser.add_argument("--fwhm", type=float, default=1.0, help="seeing FWHM (arcsec)")
+    parser.add_argument("--sky", type=float, default=None, help="sky e-/s per unbinned pixel")
+    parser.add_argument("--flat-level", type=float, default=30000.0, help="DFLAT level (ADU)")
+    parser.add_argument("--crosstalk", default=None, help="crosstalk matrix file (XTALK.FWD)")
+    parser.add_argument("--ncpus", type=int, default=None)
+    parser.add_argument("--write-nonlinearity", metavar="DIR", default=None,
+                        help="also write the camera's nonlinearity table and history to DIR")
+    for effect in dataclasses.fields(Effects):
+        parser.add_argument(f"--no-{effect.name.replace('_', '-')}", action="store_true",
+                            help=f"switch off: {effect.name}")
+    return parser
+
+
+def spec_from_args(args):
+    effects = Effects(**{f.name: not getattr(args, f"no_{f.name}") for f in dataclasses.fields(Effects)})
+    mjd = args.mjd if args.mjd is not None else (56620.1 if args.layout == "podi" else 57500.1)
+    otas = tuple(int(o) for o in args.otas.split(",")) if args.otas else None
+    error = tuple(float(v) for v in args.pointing_error.split(","))
+    return ExposureSpec(obstype=args.obstype, layout=args.layout, otas=otas, binning=args.binning,
+                        seed=args.seed, exptime=args.exptime, filter=args.filter, mjd=mjd,
+                        ra=args.ra, dec=args.dec, pointing_error=error,
+                        rotator_error=args.rotator_error, star_density=args.star_density,
+                        fwhm=args.fwhm, sky_rate=args.sky, flat_level=args.flat_level,
+                        crosstalk_file=args.crosstalk, effects=effects)
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        spec = spec_from_args(args)
+        for i in range(args.count):
+            # Exposures of a sequence are 60 s apart in time.
+            this = dataclasses.replace(spec, seed=spec.seed + i, sequence=i + 1,
+                                       mjd=spec.mjd + i * 60 / 86400, field_seed=spec.seed)
+            directory = simulate_exposure(this, args.outdir, args.ncpus)
+            print(directory)
+        if args.write_nonlinearity:
+            layout = layout_by_name(spec.layout)
+            Instrument(layout, spec.instrument_seed).write_nonlinearity_table(
+                args.write_nonlinearity, spec.otas or layout.otas)
+    except (ValueError, OSError) as error:
+        print(f"podi_simulate: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

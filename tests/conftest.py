@@ -1,0 +1,81 @@
+"""Shared fixtures: real calibration files from ../shared and simulated exposures.
+
+Simulations are made once per test session (binned, few OTAs) and shared.
+"""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = REPO.parent / "shared" / "realdata"
+
+
+@pytest.fixture(scope="session")
+def realdata():
+    """Root of the real instrument files; tests skip with a reason where it is absent."""
+    if not REALDATA.is_dir():
+        pytest.skip(f"real data not found at {REALDATA}")
+    return REALDATA
+
+
+@pytest.fixture(scope="session")
+def mastercals(realdata):
+    return realdata / "mastercals"
+
+
+# --- Simulated data, made once per session ------------------------------------------
+
+import dataclasses  # noqa: E402
+
+from podi_simulate import Effects, ExposureSpec, simulate_exposure  # noqa: E402
+
+#: OTAs of the small test camera: two of the central 2x2 (they define the flat
+#: level for broad-band filters... and one outer central OTA).
+TEST_OTAS = (22, 33, 34)
+TEST_BINNING = 2
+N_CALIB = 5
+
+
+def small_spec(**changes):
+    """A small binned exposure without nonlinearity (the step that corrects it is off)."""
+    base = ExposureSpec(otas=TEST_OTAS, binning=TEST_BINNING,
+                        effects=Effects(nonlinearity=False))
+    return dataclasses.replace(base, **changes)
+
+
+def _simulate_series(root, obstype, count, first_seed, **changes):
+    paths = []
+    for i in range(count):
+        spec = small_spec(obstype=obstype, seed=first_seed + i, sequence=i + 1,
+                         mjd=56620.0 + (first_seed + i) / 1440, **changes)
+        paths.append(simulate_exposure(spec, root, ncpus=2))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def calibration_exposures(tmp_path_factory):
+    """Five biases, five 300 s darks and five r-band dome flats of the test camera."""
+    root = tmp_path_factory.mktemp("rawcal")
+    return {"bias": _simulate_series(root, "BIAS", N_CALIB, 100),
+            "dark": _simulate_series(root, "DARK", N_CALIB, 200, exptime=300.0),
+            "flat": _simulate_series(root, "DFLAT", N_CALIB, 300, exptime=20.0,
+                                     flat_level=30000.0)}
+
+
+@pytest.fixture(scope="session")
+def masters(calibration_exposures, tmp_path_factory):
+    """Master bias, dark and flat made by podi_makecalibrations from the exposures."""
+    from podi_makecalibrations import make_calibrations
+    from podi_reduceota import ReductionSettings
+    outdir = tmp_path_factory.mktemp("cals")
+    inputs = [p for paths in calibration_exposures.values() for p in paths]
+    written = make_calibrations(inputs, outdir, ReductionSettings(crosstalk="default"), ncpus=2)
+    return {path.name: path for path in written}
+
+
+@pytest.fixture(scope="session")
+def object_exposure(tmp_path_factory):
+    """One 300 s r-band object exposure of the test camera."""
+    root = tmp_path_factory.mktemp("object")
+    return simulate_exposure(small_spec(seed=7, mjd=56620.3), root, ncpus=2)
