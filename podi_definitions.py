@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 PIPELINE_NAME = "QuickReduce"
+PIPELINE_VERSION = "0.1.0"
 
 #: Full well of the 16-bit converter: raw values at this level are saturated (ADU).
 SATURATION_ADU = 65535

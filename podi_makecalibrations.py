@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from podi_definitions import (PIPELINE_NAME, binning_from_header, cell_to_ota, fppos_for_ota,
-                              layout_for_mjd, ota_extname, otas_to_normalize_flat)
+from podi_definitions import (PIPELINE_NAME, binning_from_header, cell_geometry, cell_to_ota,
+                              fppos_for_ota, layout_for_mjd, ota_extname,
+                              otas_to_normalize_flat)
 from podi_imcombine import COMBINE_METHODS, clipped_combine
 from podi_mef import CalibrationError, write_atomic
 from podi_rawdata import RawDataError, find_exposure
@@ -132,7 +133,7 @@ def _robust_level(image):
     return float(np.median(finite)) if finite.size else np.nan
 
 
-def combine_ota(kind, ota, files, settings, combine, exptimes, tmpdir):
+def combine_ota(kind, ota, binning, files, settings, combine, exptimes, tmpdir):
     """Reduce one OTA of every input frame, combine, and write it to a temporary file.
 
     Returns
@@ -141,23 +142,22 @@ def combine_ota(kind, ota, files, settings, combine, exptimes, tmpdir):
         ``ota``, ``path`` of the temporary single-HDU file, ``nframes``, ``binned``
         (8x8-binned image for the flat normalisation) and the ``gain``.
     """
-    stack, headers = [], []
+    size = cell_geometry(binning).ota_size
+    cube = np.empty((len(files), size, size), np.float32)
     reference_time = float(np.median(exptimes)) if exptimes else 0.0
+    nframes = 0
     for filename, exptime in zip(files, exptimes):
         try:
-            frame = reduce_ota(filename, settings)
+            frame = reduce_ota(filename, settings, out=cube[nframes])
         except RawDataError as error:
             logger.warning("skipped %s", error)
             continue
-        image = frame.image
         if kind == "dark" and exptime > 0:
-            image *= np.float32(reference_time / exptime)
-        stack.append(image)
-        headers.append(frame.header)
-    if not stack:
+            cube[nframes] *= np.float32(reference_time / exptime)
+        nframes += 1
+    if not nframes:
         return {"ota": ota, "path": None, "nframes": 0}
-    cube = np.stack(stack)
-    del stack
+    cube = cube[:nframes]
     if kind == "flat":
         # Each frame's lamp level is brought to the stack's mean: the same factor
         # for all OTAs of a frame when the lamp varies globally.
@@ -166,15 +166,9 @@ def combine_ota(kind, ota, files, settings, combine, exptimes, tmpdir):
     combined, _ = clipped_combine(cube, combine)
     del cube
     gain = 1.0 if settings.gain else effective_gain(frame, combined if kind == "flat" else None)
-    header = fits.Header()
-    header["EXTNAME"] = ota_extname(ota)
-    header["FPPOS"] = fppos_for_ota(ota)
-    header["OTA"] = ota
-    header["NCOMBINE"] = (len(headers), "frames combined")
-    header["GAIN"] = (gain, "effective gain (e-/ADU)")
     path = Path(tmpdir) / f"OTA{ota:02d}.fits"
-    fits.PrimaryHDU(combined, header).writeto(path, overwrite=True)
-    return {"ota": ota, "path": path, "nframes": len(headers), "gain": header["GAIN"],
+    fits.PrimaryHDU(combined, fits.Header({"NCOMBINE": nframes, "GAIN": gain})).writeto(path)
+    return {"ota": ota, "path": path, "nframes": nframes, "gain": gain,
             "binned": bin_image(combined, 8) if kind == "flat" else None}
 
 
@@ -193,6 +187,39 @@ def effective_gain(frame, flat=None):
     for cx, cy in used:
         gain_map[cell_to_ota(cx, cy, frame.binning)] = gains[cy, cx]
     return _robust_level(flat * gain_map) / _robust_level(flat)
+
+
+def master_primary(kind, binning, exptime, mjd, gain, filter_name=None):
+    """Primary header of a master calibration.
+
+    Parameters
+    ----------
+    kind : {'bias', 'dark', 'flat'}
+    exptime : float
+        Seconds; a master dark holds the dark signal of this exposure time.
+    gain : float
+        Effective gain (e-/ADU) of data divided by this master (flats).
+    """
+    header = fits.Header()
+    header["PIPELINE"] = PIPELINE_NAME
+    header["OBSTYPE"] = {"bias": "BIAS", "dark": "DARK", "flat": "FLAT"}[kind]
+    header["BINNING"] = binning
+    header["MJD-OBS"] = mjd
+    header["EXPTIME"] = (exptime, "s; darks are scaled to this")
+    header["GAIN"] = (gain, "effective gain (e-/ADU)")
+    if filter_name is not None and kind == "flat":
+        header["FILTER"] = filter_name
+    return header
+
+
+def master_extension(ota, data, **keywords):
+    """Image extension ``OTA<xy>.SCI`` of one OTA in a master (float32, ``FPPOS`` set)."""
+    header = fits.Header()
+    header["FPPOS"] = fppos_for_ota(ota)
+    header["OTA"] = ota
+    for key, value in keywords.items():
+        header[key] = value
+    return fits.ImageHDU(np.asarray(data, dtype=np.float32), header, name=ota_extname(ota))
 
 
 def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None):
@@ -221,7 +248,7 @@ def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None)
         jobs = []
         for ota in otas:
             members = [e for e in exposures if ota in e.ota_files]
-            jobs.append((kind, ota, [e.ota_files[ota] for e in members], settings, combine,
+            jobs.append((kind, ota, binning, [e.ota_files[ota] for e in members], settings, combine,
                          [e.exptime for e in members], tmpdir))
         workers = max(1, min(ncpus or os.cpu_count() or 1, len(jobs)))
         if workers == 1:
@@ -233,40 +260,31 @@ def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None)
         if not results:
             raise CalibrationError(f"{filename}: no usable input for any OTA")
         level = 1.0
-        primary = fits.PrimaryHDU()
-        h = primary.header
-        h["PIPELINE"] = PIPELINE_NAME
-        h["OBSTYPE"] = {"bias": "BIAS", "dark": "DARK", "flat": "FLAT"}[kind]
-        h["BINNING"] = binning
-        h["NCOMBINE"] = (len(exposures), "exposures given")
-        h["COMBINE"] = (combine, "sigma-clipped statistic")
-        h["MJD-OBS"] = float(np.mean([e.mjd for e in exposures]))
-        h["EXPTIME"] = (float(np.median([e.exptime for e in exposures])) if kind != "bias" else 0.0,
-                        "s; darks are scaled to this")
+        gain = float(np.mean([r["gain"] for r in results]))
+        exptime = float(np.median([e.exptime for e in exposures])) if kind != "bias" else 0.0
+        primary = master_primary(kind, binning, exptime, float(np.mean([e.mjd for e in exposures])),
+                                 gain, filter_name)
+        primary["NCOMBINE"] = (len(exposures), "exposures given")
+        primary["COMBINE"] = (combine, "sigma-clipped statistic")
         if kind == "flat":
-            h["FILTER"] = filter_name
             chosen = [r for r in results if r["ota"] in otas_to_normalize_flat(filter_name, layout)] \
                 or results
             level = flat_normalisation_level([r["binned"] for r in chosen])
-            h["FF_NORM"] = (level, "level divided out (ADU)")
-            h["FF_OTAS"] = (",".join(f"{r['ota']:02d}" for r in chosen)[:68], "OTAs defining 1.0")
-        gain = float(np.mean([r["gain"] for r in results]))
-        h["GAIN"] = (gain, "effective gain (e-/ADU)")
+            primary["FF_NORM"] = (level, "level divided out (ADU)")
+            primary["FF_OTAS"] = (",".join(f"{r['ota']:02d}" for r in chosen)[:68], "OTAs defining 1.0")
         for exposure in exposures:
-            h.add_history(f"input: {exposure.name}")
+            primary.add_history(f"input: {exposure.name}")
         by_ota = {r["ota"]: r for r in results}
-        hdus = [primary]
+        hdus = [fits.PrimaryHDU(header=primary)]
         for ota in [o for o in layout.output_order if o in by_ota]:
             with fits.open(by_ota[ota]["path"]) as single:
-                data, header = single[0].data, single[0].header.copy()
-            if kind == "flat":
-                data /= np.float32(level)
-                with np.errstate(invalid="ignore"):
-                    data[data < 0.1] = np.nan
-                header["FF_NORM"] = (level, "level divided out")
-            for key in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND"):
-                header.remove(key, ignore_missing=True)
-            hdus.append(fits.ImageHDU(data, header))
+                data, header = single[0].data, single[0].header
+                if kind == "flat":
+                    data /= np.float32(level)
+                    with np.errstate(invalid="ignore"):
+                        data[data < 0.1] = np.nan
+                hdus.append(master_extension(ota, data, NCOMBINE=header["NCOMBINE"],
+                                             GAIN=header["GAIN"]))
         write_atomic(fits.HDUList(hdus), filename)
     return filename
 

@@ -93,3 +93,23 @@ def read_ota_image(filename, ota, size):
     except Exception as error:
         raise CalibrationError(f"{filename}: not a readable FITS file "
                                f"({' '.join(str(error).split())})") from None
+
+
+def check_calibration_binning(filename, size):
+    """Raise :class:`CalibrationError` unless the OTA images of a master are ``size`` square.
+
+    Checked once per frame, before any OTA is reduced, so that a master of the
+    wrong binning stops the frame with one clear message.
+    """
+    try:
+        with fits.open(filename, memmap=True) as hdulist:
+            shapes = {hdu.data.shape for hdu in hdulist if hdu.is_image and hdu.data is not None}
+    except Exception as error:
+        raise CalibrationError(f"{filename}: not a readable FITS file "
+                               f"({' '.join(str(error).split())})") from None
+    if not shapes:
+        raise CalibrationError(f"{filename}: holds no OTA images")
+    if shapes != {(size, size)}:
+        found = ", ".join(f"{s[1]}x{s[0]}" for s in sorted(shapes))
+        raise CalibrationError(f"{filename}: OTA images are {found}, the raw data need "
+                               f"{size}x{size}: binning does not match")

@@ -11,8 +11,8 @@ from podi_definitions import N_CELLS, overscan_section
 OVERSCAN_METHODS = ("clippedmean", "median")
 
 
-def overscan_levels(cells, binning, method="clippedmean", nsigma=3.0):
-    """Overscan level of every cell.
+def overscan_statistics(cells, binning, method="clippedmean", nsigma=5.0):
+    """Overscan level and noise of every cell.
 
     Parameters
     ----------
@@ -25,26 +25,37 @@ def overscan_levels(cells, binning, method="clippedmean", nsigma=3.0):
 
     Returns
     -------
-    numpy.ndarray
-        Levels in ADU, float64 ``[cy, cx]``.
+    (numpy.ndarray, numpy.ndarray)
+        Levels and robust standard deviations (the read noise) in ADU, float64
+        ``[cy, cx]``.
     """
     if method not in OVERSCAN_METHODS:
         raise ValueError(f"unknown overscan method {method!r}; use one of {OVERSCAN_METHODS}")
     rows, cols = overscan_section(binning)
     block = cells[:, :, rows, cols].reshape(N_CELLS * N_CELLS, -1)
     median = np.median(block, axis=1, keepdims=True)
-    if method == "median":
-        return median.reshape(N_CELLS, N_CELLS)
     deviation = np.abs(block - median)
     sigma = 1.4826 * np.median(deviation, axis=1, keepdims=True)
     # A noiseless overscan (sigma 0) keeps the pixels equal to the median.
     keep = deviation <= nsigma * sigma
-    level = np.sum(block * keep, axis=1, dtype=np.float64) / keep.sum(axis=1)
-    return level.reshape(N_CELLS, N_CELLS)
+    count = keep.sum(axis=1)
+    mean = np.sum(block * keep, axis=1, dtype=np.float64) / count
+    # The MAD of integer ADU is quantised; the standard deviation after a clip at
+    # 5 sigma is not, and misses only 6e-7 of a Gaussian's pixels.
+    variance = np.sum((block - mean[:, None]) ** 2 * keep, axis=1, dtype=np.float64) / (count - 1)
+    noise = np.sqrt(variance).reshape(N_CELLS, N_CELLS)
+    if method == "median":
+        return median.reshape(N_CELLS, N_CELLS), noise
+    return mean.reshape(N_CELLS, N_CELLS), noise
+
+
+def overscan_levels(cells, binning, method="clippedmean"):
+    """Overscan level of every cell (ADU, ``[cy, cx]``); see :func:`overscan_statistics`."""
+    return overscan_statistics(cells, binning, method)[0]
 
 
 def subtract_overscan(cells, binning, method="clippedmean"):
-    """Subtract each cell's overscan level in place; return the levels (ADU)."""
-    levels = overscan_levels(cells, binning, method)
+    """Subtract each cell's overscan level in place; return levels and noise (ADU)."""
+    levels, noise = overscan_statistics(cells, binning, method)
     cells -= levels[:, :, None, None].astype(cells.dtype)
-    return levels
+    return levels, noise

@@ -21,7 +21,7 @@ from astropy.io import fits
 import podi_bpm
 import podi_crosstalk
 import podi_nonlinearity
-from podi_definitions import (N_CELLS, all_cells, broken_cells, cell_geometry, cell_is_science,
+from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, cell_geometry, cell_is_science,
                               cell_to_ota, layout_for_mjd, ota_extname)
 from podi_mef import CalibrationError, read_ota_image
 from podi_overscan import subtract_overscan
@@ -90,6 +90,10 @@ class OTAFrame:
         Reduction step -> absolute path of the calibration used.
     steps : dict
         Stage name -> ``'done'`` or a reason it was skipped.
+    read_noise : float
+        Median read noise of the used cells, in the data's current units.
+    saturation : float
+        Lowest level at which a pixel may be saturated, in the data's current units.
     """
 
     filename: Path
@@ -102,6 +106,8 @@ class OTAFrame:
     image: np.ndarray = None
     files_used: dict = field(default_factory=dict)
     steps: dict = field(default_factory=dict)
+    read_noise: float = np.nan
+    saturation: float = float(SATURATION_ADU)
 
     def record(self, step, message, filename=None):
         self.steps[step] = "done"
@@ -137,7 +143,12 @@ def correct_crosstalk(frame, settings):
 
 def overscan(frame, settings):
     """Subtract each cell's overscan level."""
-    subtract_overscan(frame.cells, frame.binning, settings.overscan_method)
+    levels, noise = subtract_overscan(frame.cells, frame.binning, settings.overscan_method)
+    used = [(cy, cx) for cx, cy in frame.used_cells]
+    if used:
+        cy, cx = np.array(used).T
+        frame.read_noise = float(np.median(noise[cy, cx]))
+        frame.saturation = float(SATURATION_ADU - levels[cy, cx].max())
     frame.record("overscan", f"per-cell {settings.overscan_method} of the overscan block")
 
 
@@ -147,10 +158,16 @@ def nonlinearity(frame, settings):
         return
     table = podi_nonlinearity.read_nonlinearity(settings.nonlinearity)
     rows, cols = (slice(0, n) for n in _science_shape(frame.binning))
+    saturation = []
     for cx, cy in frame.used_cells:
         coefficients = table.coefficients(frame.ota, cx, cy)
         if coefficients is not None:
             podi_nonlinearity.correct_nonlinearity(frame.cells[cy, cx, rows, cols], coefficients)
+            level = np.array([frame.saturation])
+            podi_nonlinearity.correct_nonlinearity(level, coefficients)
+            saturation.append(level[0])
+    if saturation:
+        frame.saturation = float(min(saturation))
     frame.header["NONLIN"] = (Path(settings.nonlinearity).name, "nonlinearity table")
     frame.record("nonlinearity", settings.nonlinearity, settings.nonlinearity)
 
@@ -174,6 +191,9 @@ def gain(frame, settings):
         method = "cell header GAIN"
     for cx, cy in frame.used_cells:
         frame.cells[cy, cx] *= np.float32(gains[cy, cx])
+    used = [gains[cy, cx] for cx, cy in frame.used_cells]
+    frame.saturation *= float(min(used))
+    frame.read_noise *= float(np.median(used))
     frame.header["GAINMTHD"] = (method[:68], "gain applied to each cell")
     frame.record("gain", method)
 
@@ -192,10 +212,17 @@ def _science_shape(binning):
 
 
 def assemble(frame, settings):
-    """Place the science sections of the used cells into the OTA array."""
+    """Place the science sections of the used cells into the OTA array.
+
+    The array is ``frame.image`` if the caller provided one (e.g. shared memory
+    that the master process reads), else a new one.
+    """
     size = cell_geometry(frame.binning).ota_size
     rows, cols = (slice(0, n) for n in _science_shape(frame.binning))
-    image = np.full((size, size), settings.fill_value, np.float32)
+    image = frame.image if frame.image is not None else np.empty((size, size), np.float32)
+    if image.shape != (size, size):
+        raise ValueError(f"{frame.filename}: output array is {image.shape}, the OTA is {size}x{size}")
+    image[...] = settings.fill_value
     for cx, cy in frame.used_cells:
         image[cell_to_ota(cx, cy, frame.binning)] = frame.cells[cy, cx, rows, cols]
     frame.image, frame.cells = image, None
@@ -242,6 +269,12 @@ def flat(frame, settings):
     data, header, primary = _master(frame, settings.flat, "flat")
     with np.errstate(divide="ignore", invalid="ignore"):
         frame.image /= data
+    response = data[::4, ::4]
+    response = response[np.isfinite(response)]
+    if response.size:
+        # A saturated pixel of high response comes out lowest.
+        frame.saturation /= float(np.percentile(response, 99.9))
+        frame.read_noise /= float(np.median(response))
     if "GAIN" in primary:
         frame.header["GAIN"] = (primary["GAIN"], "gain of the master flat (e-/ADU)")
     frame.record("flat", settings.flat, settings.flat)
@@ -279,7 +312,7 @@ def _output_header(raw):
     return header
 
 
-def reduce_ota(filename, settings, stop_after=None):
+def reduce_ota(filename, settings, stop_after=None, out=None):
     """Reduce one raw OTA file.
 
     Parameters
@@ -288,6 +321,8 @@ def reduce_ota(filename, settings, stop_after=None):
     settings : ReductionSettings
     stop_after : str, optional
         Name of the last stage to run (e.g. ``'bias'`` for master darks).
+    out : numpy.ndarray, optional
+        float32 OTA array to assemble into (filled completely).
 
     Returns
     -------
@@ -296,7 +331,8 @@ def reduce_ota(filename, settings, stop_after=None):
     with open_raw_ota(filename) as raw:
         frame = OTAFrame(Path(filename), raw.ota, raw.binning, raw.header.copy(), _output_header(raw),
                          cells=raw.cells(),
-                         cell_headers={cell: raw.cell_header(*cell).copy() for cell in all_cells()})
+                         cell_headers={cell: raw.cell_header(*cell).copy() for cell in all_cells()},
+                         image=out)
     frame.files_used["raw"] = str(Path(filename).resolve())
     gains = cell_gains(frame)
     used = frame.used_cells
@@ -308,4 +344,7 @@ def reduce_ota(filename, settings, stop_after=None):
             break
     if settings.gain:
         frame.header["GAIN"] = (1.0, "data are in electrons")
+    frame.header["BUNIT"] = ("electron" if settings.gain else "adu", "unit of the pixel values")
+    frame.header["RDNOISE"] = (round(frame.read_noise, 4), "read noise in BUNIT (from the overscan)")
+    frame.header["SATURATE"] = (round(frame.saturation, 1), "data above this may be saturated (BUNIT)")
     return frame

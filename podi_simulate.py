@@ -45,7 +45,9 @@ from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, 
                               cell_geometry, cell_origin, cell_to_ota, fppos_for_ota,
                               layout_by_name, ota_origin_in_focal_plane,
                               otas_to_normalize_flat)
-from podi_makecalibrations import flat_normalisation_level
+from podi_makecalibrations import (flat_normalisation_level, master_extension, master_name,
+                                   master_primary)
+from podi_mef import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ class ExposureSpec:
     object_name: str = "simulated field"
     sequence: int = 1
     crosstalk_file: str = None
+    extra_stars: tuple = ()     # (ra, dec, mag) added to the field, same mag in every band
     effects: Effects = dataclasses.field(default_factory=Effects)
 
 
@@ -206,14 +209,19 @@ class Instrument:
             return np.ones((size, size), np.float32)
         rng = self._rng(ota, "flat")
         x0, y0 = ota_origin_in_focal_plane(ota, binning)
-        coords = np.arange(size, dtype=np.float32)
-        r2 = ((x0 + coords[None, :]) ** 2 + (y0 + coords[:, None]) ** 2) * (binning / 20000.0) ** 2
-        flat = (1.0 - 0.08 * r2).astype(np.float32)
+        coords = np.arange(size, dtype=np.float64)
+        scale = 0.08 * (binning / 20000.0) ** 2
+        # 1 - 0.08 (r / 20000 px)^2, built from two 1-d terms in one pass.
+        flat = (1.0 - scale * (y0 + coords) ** 2).astype(np.float32)[:, None] - \
+            (scale * (x0 + coords) ** 2).astype(np.float32)[None, :]
         flat *= np.float32(1 + 0.03 * rng.standard_normal())
         cell_factor = 1 + 0.02 * rng.standard_normal((N_CELLS, N_CELLS))
         for cx, cy in all_cells():
             flat[cell_to_ota(cx, cy, binning)] *= np.float32(cell_factor[cy, cx])
-        flat *= 1 + 0.01 * rng.standard_normal((size, size), dtype=np.float32)
+        noise = rng.standard_normal((size, size), dtype=np.float32)
+        noise *= np.float32(0.01)
+        noise += np.float32(1.0)
+        flat *= noise
         for x, y0, y1 in zip(*self.bad_columns(ota)):
             flat[y0 // binning:(y1 + binning - 1) // binning, x // binning] *= np.float32(0.4)
         return flat
@@ -284,6 +292,8 @@ def star_field(spec):
     table["u"] = table["g"] + 1.0 + 0.8 * g_r
     table["i"] = r_mag - 0.4 * g_r
     table["z"] = table["i"] - 0.2 * g_r
+    for ra_extra, dec_extra, mag in spec.extra_stars:
+        table.add_row({"ra": ra_extra, "dec": dec_extra, "u": mag, "g": mag, "r": mag, "i": mag, "z": mag})
     return table
 
 
@@ -337,7 +347,7 @@ def local_pixel_scale(wcs, x, y):
     return math.sqrt(abs(dx[0] * dy[1] - dx[1] * dy[0])) * 3600
 
 
-def _sky_signal(spec, instrument, ota, wcs, stars, rng):
+def _sky_signal(spec, instrument, ota, wcs, stars):
     """Electrons from the sky and the stars (before the flat), and star truth."""
     size = cell_geometry(spec.binning).ota_size
     image = np.zeros((size, size), np.float32)
@@ -359,6 +369,18 @@ def _sky_signal(spec, instrument, ota, wcs, stars, rng):
         render_stars(image, x[on], y[on], flux, fwhm_px, spec.moffat_beta)
         truth = Table({"index": np.flatnonzero(on), "x": x[on], "y": y[on], "flux": flux})
     return image, truth
+
+
+def true_signal(spec, ota):
+    """Electrons from sky and stars of one OTA before the flat field (the truth image).
+
+    A reduced frame in ADU equals this times the master flat's level ``FLATNRMA``.
+    """
+    layout = layout_by_name(spec.layout)
+    wcs = WCS(true_ota_wcs(spec, ota))
+    image, _ = _sky_signal(spec, Instrument(layout, spec.instrument_seed, spec.effects), ota, wcs,
+                           star_field(spec))
+    return image
 
 
 def _sky_rate(spec):
@@ -412,7 +434,7 @@ def simulate_ota(spec, ota, stars, wcs_header, path, primary_cards):
     rng = np.random.default_rng([spec.seed, ota, 11])
     geometry = cell_geometry(spec.binning)
     wcs = WCS(wcs_header)
-    electrons, star_truth = _sky_signal(spec, instrument, ota, wcs, stars, rng)
+    electrons, star_truth = _sky_signal(spec, instrument, ota, wcs, stars)
     for step in SIGNAL_STEPS:
         step(electrons, spec, instrument, ota, rng)
 
@@ -649,6 +671,67 @@ def true_flat_level(spec, otas):
         electrons.append(np.where(np.isfinite(gain_map), flat, np.nan))
         adu.append(flat / gain_map)
     return flat_normalisation_level(adu), flat_normalisation_level(electrons)
+
+
+def _cell_map(values, binning, used):
+    """OTA array holding ``values[cy, cx]`` in the science section of each used cell."""
+    size = cell_geometry(binning).ota_size
+    image = np.full((size, size), np.nan, np.float32)
+    for cx, cy in used:
+        image[cell_to_ota(cx, cy, binning)] = values[cy, cx]
+    return image
+
+
+def write_true_calibrations(spec, outdir, gain=False):
+    """Write perfect master bias, dark and flat of the simulated camera.
+
+    They are what ``podi_makecalibrations`` would make from infinitely many frames:
+    tests reduce with them to see the noise of the science frame alone.
+
+    Parameters
+    ----------
+    spec : ExposureSpec
+        Layout, OTAs, binning, filter; the dark is for ``spec.exptime`` seconds.
+    gain : bool
+        Masters for data in electrons (``-gain``) instead of ADU.
+
+    Returns
+    -------
+    dict
+        ``bias``, ``dark``, ``flat`` -> Path.
+    """
+    Path(outdir).mkdir(parents=True, exist_ok=True)
+    layout = layout_by_name(spec.layout)
+    instrument = Instrument(layout, spec.instrument_seed, spec.effects)
+    otas = [ota for ota in layout.output_order if ota in (spec.otas or layout.otas)]
+    norm_adu, norm_e = true_flat_level(spec, otas)
+    geometry = cell_geometry(spec.binning)
+    rows, cols = slice(0, geometry.science_rows), slice(0, geometry.science_cols)
+    images = {"bias": {}, "dark": {}, "flat": {}}
+    for ota in otas:
+        used = [c for c in all_cells() if c not in broken_cells(layout, ota)]
+        gains = instrument.gains(ota)
+        to_output = _cell_map(gains if gain else np.ones_like(gains), spec.binning, used)
+        structure = instrument.bias_structure(ota, spec.binning, geometry.raw_shape)
+        bias = np.full_like(to_output, np.nan)
+        for cx, cy in used:
+            bias[cell_to_ota(cx, cy, spec.binning)] = structure[cy, cx, rows, cols]
+        images["bias"][ota] = bias * to_output
+        adu_per_e = to_output / _cell_map(gains, spec.binning, used)
+        images["dark"][ota] = instrument.dark_current(ota, spec.binning) * spec.exptime * adu_per_e
+        images["flat"][ota] = instrument.flat(ota, spec.binning) * adu_per_e / (norm_e if gain else norm_adu)
+    written = {}
+    for kind, by_ota in images.items():
+        effective_gain = 1.0 if gain else 1.0 / norm_adu
+        primary = master_primary(kind, spec.binning, spec.exptime if kind == "dark" else 0.0,
+                                 spec.mjd, effective_gain, spec.filter)
+        primary["TRUTH"] = (True, "made from the simulator's truth")
+        hdus = [fits.PrimaryHDU(header=primary)] + \
+            [master_extension(ota, data) for ota, data in by_ota.items()]
+        path = Path(outdir) / master_name(kind, spec.binning, spec.filter)
+        write_atomic(fits.HDUList(hdus), path)
+        written[kind] = path
+    return written
 
 
 def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointing):

@@ -44,6 +44,10 @@ def small_spec(**changes):
     return dataclasses.replace(base, **changes)
 
 
+#: The object exposure most tests reduce.
+OBJECT_SPEC = small_spec(seed=7, mjd=56620.3)
+
+
 def _simulate_series(root, obstype, count, first_seed, **changes):
     paths = []
     for i in range(count):
@@ -78,4 +82,27 @@ def masters(calibration_exposures, tmp_path_factory):
 def object_exposure(tmp_path_factory):
     """One 300 s r-band object exposure of the test camera."""
     root = tmp_path_factory.mktemp("object")
-    return simulate_exposure(small_spec(seed=7, mjd=56620.3), root, ncpus=2)
+    return simulate_exposure(OBJECT_SPEC, root, ncpus=2)
+
+
+@pytest.fixture(scope="session")
+def true_cals(tmp_path_factory):
+    """Perfect masters of the test camera (from the simulator's truth), in ADU."""
+    from podi_simulate import write_true_calibrations
+    directory = tmp_path_factory.mktemp("truecals")
+    write_true_calibrations(OBJECT_SPEC, directory)
+    return directory
+
+
+def run_collectcells(*args):
+    """Run the command line in this process; return its exit status."""
+    from podi_collectcells import main
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def reduced_object(object_exposure, true_cals, tmp_path_factory):
+    """The object exposure reduced with the perfect masters."""
+    output = tmp_path_factory.mktemp("reduced") / "object.fits"
+    assert run_collectcells(object_exposure, output, f"-cals={true_cals}", "-ncpus=2") == 0
+    return output

@@ -1,0 +1,504 @@
+"""podi_collectcells: reduce one ODI exposure into one multi-extension FITS file.
+
+Usage::
+
+    podi_collectcells input output.fits [-cals=DIR] [flags ...]
+
+``input`` is an exposure directory or any one OTA file of it (``podi_commandline``
+lists every flag). The master process resolves the calibrations, then runs one
+worker process per OTA (at most ``-ncpus`` at a time) through
+:func:`collect_reduce_ota`. Each worker assembles its OTA directly into a block of
+shared memory that the master writes out, so pixel data never travel through
+pickles. An OTA that fails is logged, recorded in the output's primary header and
+left out; the others still make a valid file. The output is written under a
+temporary name and renamed: a crash, a kill or ``-timeout`` never leave a partial
+file.
+
+Exit status: 0 when the output was written (or skipped by ``-noclobber``), 1 on
+any error (nothing written).
+
+Test hook: the environment variable ``PODI_FAULT=<kind>:<ota>`` makes the worker of
+that OTA ``crash`` (exit without a result), ``hang`` or ``raise`` an exception, so
+that failure handling is tested by injected faults.
+"""
+
+import cProfile
+import logging
+import math
+import multiprocessing
+import os
+import pstats
+import signal
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+import podi_wcs
+from podi_calibfiles import CalibrationNotFound, resolve_calibrations
+from podi_commandline import HelpRequested, OptionError, expand_output_name, parse_commandline, usage
+from podi_definitions import (FULL_FIELD_FILTERS, PIPELINE_NAME, PIPELINE_VERSION, cell_geometry,
+                              is_guide_ota, layout_for_mjd, normalised_filter_name)
+from podi_mef import CalibrationError, check_calibration_binning, write_atomic
+from podi_rawdata import RawDataError, find_exposure, open_raw_ota
+from podi_reduceota import ReductionSettings, reduce_ota
+from podi_sky import sky_samples, sky_statistics
+
+logger = logging.getLogger("podi_collectcells")
+
+#: Keywords moved from the OTA extensions to the primary header (facts 1.7), but
+#: for RADESYS: the WCS of every extension needs its own.
+INHERITED_KEYWORDS = (
+    "RA DEC TARGRA TARGDEC TELRAOFF TELDECOF FILTER FILTERID FILTDSCR EXPTIME OBSID OBJECT "
+    "OBSTYPE WCSASTRM EXPMEAS ORIGIN INSTRUME FILENAME OBSLOGIN TIMESYS LSTHDR OBSERVAT "
+    "TELESCOP OBSERVER PROPOSER PROPID PROGID TACID PROPPERD DATE-OBS TIME-OBS MJD-OBS DATE ZD "
+    "AIRMASS TELFOCUS TRACK ELMAP AZMAP ROTPORT FOLDPOS OBSBLOCK ADCMODE ADCANG1 ADCANG2 ADCJD "
+    "ROTSTART ROTEND ROTOFF TEMPSTAT DEWAR COOLHEAD COLPLATE FOCPLATE DEWPRESS FLTARM1A FLTARM1B "
+    "FLTARM1C FLTARM2A FLTARM2B FLTARM2C FLTARM3A FLTARM3B FLTARM3C SHUTDIR SHUTOPEN SHUTCLOS "
+    "CONTROLR IMAGESWV").split()
+
+#: The raw IRAF WCS, replaced by the canned solution.
+_RAW_WCS_PREFIXES = ("WAT", "CTYPE", "CRVAL", "CRPIX", "CD1_", "CD2_", "PV1_", "PV2_", "CUNIT",
+                     "LTV", "LTM", "RADECSYS")
+
+
+class ReductionError(Exception):
+    """The frame cannot be reduced; the message is one line."""
+
+
+# --- One OTA, in a worker process -----------------------------------------------------
+
+def reduction_settings(options):
+    """The per-OTA reduction steps from the options and resolved calibrations."""
+    calibrations = options["calibrations"]
+    return ReductionSettings(crosstalk=calibrations.get("crosstalk"),
+                             nonlinearity=calibrations.get("nonlinearity"),
+                             gain=options.get("gain", False),
+                             bias=calibrations.get("bias"), dark=calibrations.get("dark"),
+                             flat=calibrations.get("flat"), bpm=calibrations.get("bpm"),
+                             fill_value=options.get("indefval", np.nan))
+
+
+def apply_wcs(header, frame, options):
+    """Replace the raw IRAF WCS of an OTA header by the canned TPV solution.
+
+    The tangent point follows DECISIONS 1 from the header pointing plus
+    ``-wcsoffset``; ``-simplewcs`` writes plain TAN. Without a canned solution for
+    the OTA the project's optical model is used.
+    """
+    for key in [k for k in header if k.startswith(_RAW_WCS_PREFIXES)]:
+        del header[key]
+    ra, dec = podi_wcs.parse_pointing(frame.primary)
+    wcs_file = options["calibrations"].get("wcs")
+    canned = podi_wcs.read_canned_wcs(wcs_file) if wcs_file else {}
+    source = wcs_file
+    if frame.ota not in canned:
+        layout = layout_for_mjd(frame.primary.get("MJD-OBS", 0.0))
+        canned = {ota: hdu.header for ota, hdu in _model_extensions(layout).items()}
+        source = "optical model of the project"
+        logger.debug("OTA %02d: no canned WCS in %s, using the model", frame.ota, wcs_file)
+    wcs = podi_wcs.ota_wcs_header(canned[frame.ota], ra, dec, frame.binning,
+                                  offset=tuple(options.get("wcsoffset", (0.0, 0.0))),
+                                  simple=options.get("simplewcs", False))
+    header.update(wcs)
+    if wcs_file and source == wcs_file:
+        frame.files_used["wcs"] = str(Path(wcs_file).resolve())
+    header.add_history(f"wcs: {source}")
+
+
+def _model_extensions(layout):
+    hdulist = podi_wcs.model_canned_wcs(layout)
+    return {int(hdu.name[3:5]): hdu for hdu in hdulist[1:]}
+
+
+def detector_section(header, ota, binning):
+    """``DETSEC`` (1-based, inclusive; the original's lacked the +1) and ``LTV``."""
+    size = cell_geometry(binning).ota_size
+    x0, y0 = (ota // 10) * size, (ota % 10) * size
+    header["DETSEC"] = (f"[{x0 + 1}:{x0 + size},{y0 + 1}:{y0 + size}]", "section in the focal plane")
+    header["LTV1"] = -x0
+    header["LTV2"] = -y0
+
+
+def collect_reduce_ota(filename, options, out=None):
+    """Reduce one OTA file completely.
+
+    Parameters
+    ----------
+    filename : str or Path
+        Raw OTA file.
+    options : dict
+        Options of :func:`podi_commandline.parse_commandline` plus ``calibrations``
+        (resolved by :func:`podi_calibfiles.resolve_calibrations`).
+    out : numpy.ndarray, optional
+        float32 array of the OTA's size that receives the image.
+
+    Returns
+    -------
+    dict
+        ``data_products``: ``ota``, ``header`` (the extension header), ``image``
+        (None if ``out`` was given), ``sky_samples``, ``sky`` (median, mean, std),
+        ``files_used`` (step -> path) and ``steps`` (step -> status).
+    """
+    frame = reduce_ota(filename, reduction_settings(options), out=out)
+    header = frame.header
+    detector_section(header, frame.ota, frame.binning)
+    apply_wcs(header, frame, options)
+    samples = sky_samples(frame.image, frame.binning, seed=frame.ota)
+    median, mean, std = sky_statistics(samples)
+    noise = float(np.median(samples["noise"])) if len(samples) else math.nan
+    header["SKY_MEDI"] = (_finite(median), "median sky level of the boxes (BUNIT)")
+    header["SKY_MEAN"] = (_finite(mean), "mean sky level of the boxes (BUNIT)")
+    header["SKY_STD"] = (_finite(std), "std of the box sky levels (BUNIT)")
+    header["SKYNOISE"] = (_finite(noise), "pixel noise: median over boxes of 1.4826 MAD")
+    header["SKYNBOX"] = (len(samples), "sky boxes used")
+    return {"ota": frame.ota, "header": header, "image": None if out is not None else frame.image,
+            "sky_samples": samples, "sky": (median, mean, std), "files_used": frame.files_used,
+            "steps": frame.steps}
+
+
+def _finite(value):
+    return round(float(value), 4) if np.isfinite(value) else -1.0
+
+
+def _inject_fault(ota):
+    fault = os.environ.get("PODI_FAULT", "")
+    kind, _, target = fault.partition(":")
+    if not fault or target != f"{ota:02d}":
+        return
+    if kind == "crash":
+        os._exit(3)
+    if kind == "hang":
+        while True:
+            time.sleep(60)
+    if kind == "raise":
+        raise RuntimeError("injected fault")
+
+
+def _worker(filename, ota, options, buffer_path, size, results):
+    """Worker process: reduce one OTA into its shared buffer, send the products."""
+    try:
+        _inject_fault(ota)
+        image = np.memmap(buffer_path, dtype=np.float32, mode="r+", shape=(size, size))
+        products = collect_reduce_ota(filename, options, out=image)
+        image.flush()
+        del image
+        results.put(("ok", ota, products))
+    except Exception as error:  # one OTA's failure must not stop the others
+        message = " ".join(str(error).split()) or type(error).__name__
+        results.put(("error", ota, f"{type(error).__name__}: {message}"))
+
+
+# --- The fan-out ----------------------------------------------------------------------
+
+class SharedBuffers:
+    """One file-backed float32 OTA array per OTA in shared memory (``/dev/shm``)."""
+
+    def __init__(self, otas, size):
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.directory = Path(tempfile.mkdtemp(prefix="podi_", dir=root))
+        self.size = size
+        self.paths = {}
+        for ota in otas:
+            path = self.directory / f"OTA{ota:02d}.f32"
+            with open(path, "wb") as handle:
+                handle.truncate(size * size * 4)
+            self.paths[ota] = path
+
+    def array(self, ota):
+        return np.memmap(self.paths[ota], dtype=np.float32, mode="r+", shape=(self.size, self.size))
+
+    def remove(self):
+        for path in self.paths.values():
+            path.unlink(missing_ok=True)
+        self.directory.rmdir()
+
+
+def run_workers(jobs, options, buffers, deadline=None):
+    """Reduce every OTA in its own process, at most ``ncpus`` at once.
+
+    Parameters
+    ----------
+    jobs : dict
+        OTA -> raw file.
+    deadline : float, optional
+        ``time.monotonic()`` limit; when it passes every worker is killed and
+        :class:`ReductionError` raised.
+
+    Returns
+    -------
+    (dict, dict)
+        OTA -> data products, and OTA -> error message for the OTAs that failed.
+    """
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    results = context.Queue()
+    pending = list(jobs.items())
+    running, products, failures = {}, {}, {}
+    ncpus = max(1, int(options.get("ncpus") or os.cpu_count() or 1))
+    total = len(jobs)
+    started = time.monotonic()
+    try:
+        while pending or running:
+            while pending and len(running) < ncpus:
+                ota, filename = pending.pop(0)
+                process = context.Process(target=_worker, daemon=True,
+                                          args=(filename, ota, options, buffers.paths[ota],
+                                                buffers.size, results))
+                process.start()
+                running[ota] = process
+            try:
+                status, ota, payload = results.get(timeout=0.2)
+            except Exception:
+                status = None
+            if status is not None:
+                running.pop(ota).join()
+                if status == "ok":
+                    products[ota] = payload
+                    logger.info("OTA %02d reduced (%d/%d, %.1f s)", ota, len(products) + len(failures),
+                                total, time.monotonic() - started)
+                else:
+                    failures[ota] = payload
+                    logger.error("OTA %02d failed: %s", ota, payload)
+            for ota, process in list(running.items()):
+                # A worker that died without a word (killed, crashed) fails its OTA only.
+                if not process.is_alive() and results.empty():
+                    process.join()
+                    del running[ota]
+                    failures[ota] = f"worker process died (exit code {process.exitcode})"
+                    logger.error("OTA %02d failed: %s", ota, failures[ota])
+            if deadline is not None and time.monotonic() > deadline:
+                raise ReductionError(f"timed out after {options['timeout']:g} s; "
+                                     f"{len(running) + len(pending)} OTAs unfinished")
+    finally:
+        for process in running.values():
+            process.kill()
+            process.join()
+    return products, failures
+
+
+def run_serially(jobs, options, buffers):
+    """All OTAs in this process (``-profile`` and ``-ncpus=1``)."""
+    products, failures = {}, {}
+    for ota, filename in jobs.items():
+        try:
+            products[ota] = collect_reduce_ota(filename, options, out=buffers.array(ota))
+            logger.info("OTA %02d reduced (%d/%d)", ota, len(products) + len(failures), len(jobs))
+        except Exception as error:
+            failures[ota] = f"{type(error).__name__}: {' '.join(str(error).split())}"
+            logger.error("OTA %02d failed: %s", ota, failures[ota])
+    return products, failures
+
+
+# --- The output file --------------------------------------------------------------------
+
+def select_otas(exposure, layout, options):
+    """OTAs to reduce: files present, narrowed by -centralonly, -singleota, -skipota."""
+    otas = [ota for ota in layout.output_order if ota in exposure.ota_files]
+    extra = sorted(set(exposure.ota_files) - set(layout.otas))
+    if extra:
+        logger.warning("files of OTAs %s are not part of the %s focal plane: ignored", extra, layout.name)
+    if options.get("centralonly"):
+        otas = [ota for ota in otas if ota in layout.central_3x3]
+    if options.get("singleota") is not None:
+        otas = [ota for ota in otas if ota == options["singleota"]]
+    skip = set(options.get("skipota") or ())
+    return [ota for ota in otas if ota not in skip]
+
+
+def _versions():
+    versions = {"podi-quickreduce": PIPELINE_VERSION}
+    for package in ("numpy", "astropy", "sep", "scipy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+def primary_header(first_header, products, failures, options, argv):
+    """Primary header: inherited exposure keywords, pipeline and summary keywords."""
+    primary = fits.Header()
+    if not options.get("prep4sex"):
+        for key in INHERITED_KEYWORDS:
+            for result in products.values():
+                if key in result["header"]:
+                    primary[key] = (result["header"][key], result["header"].comments[key])
+                    break
+    else:
+        for key in ("OBSID", "OBJECT", "FILTER", "EXPTIME", "MJD-OBS", "RA", "DEC"):
+            if key in first_header:
+                primary[key] = first_header[key]
+    primary["PIPELINE"] = (PIPELINE_NAME, "pipeline that made this file")
+    primary["PLVERSIO"] = (PIPELINE_VERSION, "pipeline version")
+    primary["PLVER"] = f"{PIPELINE_NAME} {PIPELINE_VERSION}"
+    headers = [r["header"] for r in products.values()]
+    binning = headers[0].get("CCDBIN1", 1)
+    primary["BINNING"] = (binning, "binning factor")
+    primary["BUNIT"] = (headers[0]["BUNIT"], "unit of the pixel values")
+    cells = np.array([h.get("NCELLS", 1) for h in headers], float)
+    primary["GAIN"] = (float(np.sum([h["GAIN"] for h in headers] * cells) / cells.sum()),
+                       "mean effective gain (e-/BUNIT)")
+    primary["RDNOISE"] = (float(np.median([h["RDNOISE"] for h in headers])), "read noise (BUNIT)")
+    primary["SATURATE"] = (float(min(h["SATURATE"] for h in headers)), "lowest saturation level (BUNIT)")
+    sky, noise = global_sky(products, first_header)
+    primary["SKYLEVEL"] = (_finite(sky), "median sky level (BUNIT)")
+    primary["SKYBG"] = (_finite(sky), "same as SKYLEVEL")
+    primary["SKYNOISE"] = (_finite(noise), "pixel noise of the sky (BUNIT)")
+    mjd = float(first_header.get("MJD-OBS", 0.0))
+    primary["MJD-MID"] = (mjd + float(first_header.get("EXPTIME", 0.0)) / 2 / 86400,
+                          "MJD at the middle of the exposure")
+    primary["NOTAS"] = (len(products), "OTAs reduced")
+    primary["NFAILED"] = (len(failures), "OTAs that failed and are missing")
+    if failures:
+        primary["FAILOTAS"] = (",".join(f"{ota:02d}" for ota in sorted(failures)), "failed OTAs")
+    for key, value in (options.get("addfitskey") or {}).items():
+        primary[key] = (value, "user-added keyword")
+    primary.add_history("command: " + " ".join(argv)[:1000])
+    primary.add_history("versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()))
+    for ota, message in sorted(failures.items()):
+        primary.add_history(f"OTA {ota:02d} failed: {message}")
+    return primary
+
+
+def global_sky(products, first_header):
+    """Median sky level and pixel noise over the OTAs used for photometry (BUNIT).
+
+    Full-field filters use every OTA, others the central 3x3; guide OTAs never.
+    """
+    layout = layout_for_mjd(first_header.get("MJD-OBS", 0.0))
+    full_field = normalised_filter_name(first_header) in FULL_FIELD_FILTERS
+    chosen = [r for ota, r in products.items()
+              if (full_field or ota in layout.central_3x3)
+              and not is_guide_ota(str(r["header"].get("CELLMODE", "")))] or list(products.values())
+    samples = np.concatenate([r["sky_samples"] for r in chosen])
+    if not len(samples):
+        return math.nan, math.nan
+    return float(np.median(samples["level"])), float(np.median(samples["noise"]))
+
+
+def association_table(products):
+    """``ASSOCIATIONS``: every input and calibration file by reduction step."""
+    rows = []
+    for result in products.values():
+        for step, path in result["files_used"].items():
+            if (step, path) not in rows:
+                rows.append((step, path))
+    table = Table(rows=rows or None, names=("correction", "filename_full"), dtype=("U25", "U375"))
+    table["filename"] = [Path(path).name[:100] for path in table["filename_full"]]
+    hdu = fits.BinTableHDU(table, name="ASSOCIATIONS")
+    return hdu
+
+
+def build_output(products, failures, buffers, first_header, layout, options, argv):
+    """The output HDUList: primary, one ``OTA<xy>.SCI`` per OTA in inside-out order, tables."""
+    hdus = [fits.PrimaryHDU(header=primary_header(first_header, products, failures, options, argv))]
+    inherited = set(hdus[0].header) if not options.get("prep4sex") else set()
+    for ota in [o for o in layout.output_order if o in products]:
+        header = products[ota]["header"]
+        for key in inherited & set(INHERITED_KEYWORDS):
+            header.remove(key, ignore_missing=True, remove_all=True)
+        if inherited:
+            header["INHERIT"] = (True, "inherit the primary header")
+        data = products[ota]["image"] if products[ota]["image"] is not None else buffers.array(ota)
+        hdus.append(fits.ImageHDU(data=data, header=header, name=header["EXTNAME"]))
+    hdus.append(association_table(products))
+    return fits.HDUList(hdus)
+
+
+# --- The whole frame ----------------------------------------------------------------------
+
+def collectcells(options, argv=()):
+    """Reduce the exposure ``options['input']`` into ``options['output']``.
+
+    Returns
+    -------
+    Path or None
+        The output file, or None when ``-noclobber`` skipped an existing one.
+
+    Raises
+    ------
+    ReductionError, RawDataError, CalibrationNotFound, CalibrationError, OptionError
+        Each with a one-line message; nothing is written.
+    """
+    start = time.monotonic()
+    exposure = find_exposure(options["input"])
+    first_file = exposure.ota_files[min(exposure.ota_files)]
+    with open_raw_ota(first_file) as raw:
+        first_header, binning = raw.header.copy(), raw.binning
+    output = expand_output_name(options["output"], first_header)
+    if options.get("noclobber") and output.exists():
+        print(f"{output}: exists, skipped (-noclobber)")
+        return None
+    layout = layout_for_mjd(first_header.get("MJD-OBS", 0.0))
+    otas = select_otas(exposure, layout, options)
+    if not otas:
+        raise ReductionError(f"{exposure.directory}: no OTA left to reduce")
+    missing = [ota for ota in layout.otas if ota not in exposure.ota_files]
+    if missing:
+        logger.warning("%s: no files for OTAs %s", exposure.base, ", ".join(f"{o:02d}" for o in missing))
+    options = dict(options, calibrations=resolve_calibrations(options, first_header, binning))
+    size = cell_geometry(binning).ota_size
+    for step in ("bias", "dark", "flat"):
+        if options["calibrations"].get(step):
+            check_calibration_binning(options["calibrations"][step], size)
+    if not options.get("bgmode"):
+        logger.info("%s %s: reducing %s (%d OTAs, binning %d)", PIPELINE_NAME, PIPELINE_VERSION,
+                    exposure.base, len(otas), binning)
+    buffers = SharedBuffers(otas, size)
+    try:
+        jobs = {ota: exposure.ota_files[ota] for ota in otas}
+        deadline = start + options["timeout"] if options.get("timeout") else None
+        if options.get("profile"):
+            profiler = cProfile.Profile()
+            products, failures = profiler.runcall(run_serially, jobs, options, buffers)
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+        elif options.get("ncpus") == 1:
+            products, failures = run_serially(jobs, options, buffers)
+        else:
+            products, failures = run_workers(jobs, options, buffers, deadline)
+        if not products:
+            raise ReductionError(f"{exposure.base}: every OTA failed; no output written")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        hdulist = build_output(products, failures, buffers, first_header, layout, options, argv)
+        if deadline is not None and time.monotonic() > deadline:
+            raise ReductionError(f"timed out after {options['timeout']:g} s; no output written")
+        write_atomic(hdulist, output)
+    finally:
+        buffers.remove()
+    primary = hdulist[0].header
+    print(f"{exposure.base}: {len(products)} OTAs reduced, {len(failures)} failed, "
+          f"sky {primary['SKYLEVEL']:.1f} {primary['BUNIT']}, "
+          f"{time.monotonic() - start:.1f} s -> {output}")
+    return output
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        options = parse_commandline(argv)
+    except HelpRequested:
+        print(usage())
+        return 0
+    except OptionError as error:
+        print(f"podi_collectcells: error: {error}", file=sys.stderr)
+        return 1
+    # A terminated run unwinds (removing shared buffers and temporary files).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    logging.basicConfig(level=logging.DEBUG if options.get("verbose") else logging.INFO,
+                        format="%(levelname)s: %(message)s" if options.get("verbose") else "%(message)s")
+    try:
+        collectcells(options, ["podi_collectcells"] + argv)
+    except (ReductionError, RawDataError, CalibrationNotFound, CalibrationError, OptionError,
+            OSError) as error:
+        print(f"podi_collectcells: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Sky level and pixel noise of an OTA from random source-free boxes.
+
+No source detection is needed (DECISIONS 11): each box's level is a sigma-clipped
+median of its pixels, which ignores the few star pixels a box may hold; boxes that
+are mostly undefined (cell gaps, masked regions) are rejected.
+"""
+
+import numpy as np
+
+#: Box side in unbinned pixels, number of boxes wanted, attempts allowed.
+BOX_SIZE = 60
+N_BOXES = 200
+MAX_ATTEMPTS = 600
+
+
+def _clipped_box_stats(boxes, nsigma=3.0, iterations=2):
+    """Clipped median and robust standard deviation of each box (rows of ``boxes``)."""
+    values = boxes.copy()
+    for _ in range(iterations):
+        median = np.nanmedian(values, axis=1, keepdims=True)
+        sigma = 1.4826 * np.nanmedian(np.abs(values - median), axis=1, keepdims=True)
+        values[np.abs(values - median) > nsigma * sigma] = np.nan
+    median = np.nanmedian(values, axis=1)
+    sigma = 1.4826 * np.nanmedian(np.abs(boxes - median[:, None]), axis=1)
+    return median, sigma
+
+
+def sky_samples(image, binning=1, seed=0):
+    """Measure the sky in random boxes of an OTA array.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        OTA array ``[y, x]``; NaN = no data.
+    binning : int
+        Boxes are ``60 / binning`` pixels wide, centres at least half a box from
+        the edges.
+    seed : int
+        Seed of the box positions (the result is reproducible).
+
+    Returns
+    -------
+    numpy.ndarray
+        Structured array with fields ``x``, ``y`` (box centre, 0-based pixels),
+        ``level`` (clipped median) and ``noise`` (1.4826 x MAD of the pixels), in
+        the image's units; at most :data:`N_BOXES` rows.
+    """
+    half = BOX_SIZE // (2 * binning)
+    size = image.shape[0]
+    rng = np.random.default_rng(seed)
+    x = rng.integers(half, size - half, MAX_ATTEMPTS)
+    y = rng.integers(half, size - half, MAX_ATTEMPTS)
+    offsets = np.arange(-half, half)
+    rows = (y[:, None] + offsets[None, :])[:, :, None]
+    cols = (x[:, None] + offsets[None, :])[:, None, :]
+    boxes = image[rows, cols].reshape(MAX_ATTEMPTS, -1)
+    good = np.isfinite(boxes).mean(axis=1) > 0.9
+    x, y, boxes = x[good][:N_BOXES], y[good][:N_BOXES], boxes[good][:N_BOXES]
+    samples = np.zeros(len(x), dtype=[("x", "i4"), ("y", "i4"), ("level", "f8"), ("noise", "f8")])
+    if len(x):
+        samples["x"], samples["y"] = x, y
+        samples["level"], samples["noise"] = _clipped_box_stats(boxes.astype(np.float64))
+    return samples
+
+
+def sky_statistics(samples):
+    """``(median, mean, std)`` of the box levels, or NaNs without samples."""
+    levels = samples["level"][np.isfinite(samples["level"])]
+    if not levels.size:
+        return np.nan, np.nan, np.nan
+    return float(np.median(levels)), float(np.mean(levels)), float(np.std(levels))
