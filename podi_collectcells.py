@@ -80,8 +80,7 @@ def reduction_settings(options):
                              nonlinearity=calibrations.get("nonlinearity"),
                              gain=options.get("gain", False),
                              bias=calibrations.get("bias"), dark=calibrations.get("dark"),
-                             flat=calibrations.get("flat"), bpm=calibrations.get("bpm"),
-                             fill_value=options.get("indefval", np.nan))
+                             flat=calibrations.get("flat"), bpm=calibrations.get("bpm"))
 
 
 def apply_wcs(header, frame, options):
@@ -157,6 +156,9 @@ def collect_reduce_ota(filename, options, out=None):
     header["SKY_STD"] = (_finite(std), "std of the box sky levels (BUNIT)")
     header["SKYNOISE"] = (_finite(noise), "pixel noise: median over boxes of 1.4826 MAD")
     header["SKYNBOX"] = (len(samples), "sky boxes used")
+    undefined = options.get("indefval", math.nan)
+    if not math.isnan(undefined):
+        frame.image[~np.isfinite(frame.image)] = np.float32(undefined)
     return {"ota": frame.ota, "header": header, "image": None if out is not None else frame.image,
             "sky_samples": samples, "sky": (median, mean, std), "files_used": frame.files_used,
             "steps": frame.steps}
@@ -412,6 +414,18 @@ def build_output(products, failures, buffers, first_header, layout, options, arg
 
 # --- The whole frame ----------------------------------------------------------------------
 
+def exposure_header(exposure):
+    """Primary header and binning of the first readable OTA file of an exposure."""
+    problems = []
+    for ota in sorted(exposure.ota_files):
+        try:
+            with open_raw_ota(exposure.ota_files[ota]) as raw:
+                return raw.header.copy(), raw.binning
+        except RawDataError as error:
+            problems.append(error)
+    raise ReductionError(f"{exposure.base}: no readable OTA file (first problem: {problems[0]})")
+
+
 def collectcells(options, argv=()):
     """Reduce the exposure ``options['input']`` into ``options['output']``.
 
@@ -427,9 +441,7 @@ def collectcells(options, argv=()):
     """
     start = time.monotonic()
     exposure = find_exposure(options["input"])
-    first_file = exposure.ota_files[min(exposure.ota_files)]
-    with open_raw_ota(first_file) as raw:
-        first_header, binning = raw.header.copy(), raw.binning
+    first_header, binning = exposure_header(exposure)
     output = expand_output_name(options["output"], first_header)
     if options.get("noclobber") and output.exists():
         print(f"{output}: exists, skipped (-noclobber)")

@@ -8,7 +8,7 @@ returns silently when its calibration is not asked for.
 
 Units: ADU until the gain stage (``settings.gain``), electrons after it.
 Pixel conventions: OTA arrays are numpy ``[y, x]``, 0-based; undefined pixels
-(gaps, broken cells, masked pixels) hold ``settings.fill_value`` (NaN by default).
+(gaps, broken cells, masked pixels) are NaN, which every stage treats as no data.
 """
 
 import logging
@@ -53,8 +53,6 @@ class ReductionSettings:
         Master calibration files (pipeline format).
     bpm : str or None
         Directory of ``bpm_xy<NN>.reg`` region files.
-    fill_value : float
-        Value of undefined pixels.
     """
 
     crosstalk: str = None
@@ -65,7 +63,6 @@ class ReductionSettings:
     dark: str = None
     flat: str = None
     bpm: str = None
-    fill_value: float = np.nan
 
 
 @dataclass
@@ -222,7 +219,7 @@ def assemble(frame, settings):
     image = frame.image if frame.image is not None else np.empty((size, size), np.float32)
     if image.shape != (size, size):
         raise ValueError(f"{frame.filename}: output array is {image.shape}, the OTA is {size}x{size}")
-    image[...] = settings.fill_value
+    image[...] = np.nan
     for cx, cy in frame.used_cells:
         image[cell_to_ota(cx, cy, frame.binning)] = frame.cells[cy, cx, rows, cols]
     frame.image, frame.cells = image, None
@@ -290,7 +287,7 @@ def bad_pixels(frame, settings):
                        frame.filename.name, region_file, frame.ota)
         frame.steps["bpm"] = f"no file {region_file}"
         return
-    count = podi_bpm.apply_bpm(frame.image, region_file, frame.binning, settings.fill_value)
+    count = podi_bpm.apply_bpm(frame.image, region_file, frame.binning)
     frame.header["BPMPIX"] = (count, "pixels masked from the bad-pixel regions")
     frame.record("bpm", str(region_file), region_file)
 
