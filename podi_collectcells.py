@@ -87,27 +87,31 @@ def apply_wcs(header, frame, options):
     """Replace the raw IRAF WCS of an OTA header by the canned TPV solution.
 
     The tangent point follows DECISIONS 1 from the header pointing plus
-    ``-wcsoffset``; ``-simplewcs`` writes plain TAN. Without a canned solution for
-    the OTA the project's optical model is used.
+    ``-wcsoffset``; ``-simplewcs`` writes plain TAN. Without a canned file
+    (``-wcs=none``), or where it lacks the OTA, the project's optical model places
+    the OTA, as plain TAN or with its distortion respectively.
     """
     for key in [k for k in header if k.startswith(_RAW_WCS_PREFIXES)]:
         del header[key]
     ra, dec = podi_wcs.parse_pointing(frame.primary)
     wcs_file = options["calibrations"].get("wcs")
-    canned = podi_wcs.read_canned_wcs(wcs_file) if wcs_file else {}
-    source = wcs_file
-    if frame.ota not in canned:
+    canned = options.get("canned_wcs")
+    if canned is None:
+        canned = podi_wcs.read_canned_wcs(wcs_file) if wcs_file else {}
+    simple = options.get("simplewcs", False) or not wcs_file
+    if frame.ota in canned:
+        frame.files_used["wcs"] = str(Path(wcs_file).resolve())
+        source = wcs_file
+    else:
         layout = layout_for_mjd(frame.primary.get("MJD-OBS", 0.0))
         canned = {ota: hdu.header for ota, hdu in _model_extensions(layout).items()}
         source = "optical model of the project"
-        logger.debug("OTA %02d: no canned WCS in %s, using the model", frame.ota, wcs_file)
+        if wcs_file:
+            logger.warning("OTA %02d: no solution in %s, using the optical model", frame.ota, wcs_file)
     wcs = podi_wcs.ota_wcs_header(canned[frame.ota], ra, dec, frame.binning,
-                                  offset=tuple(options.get("wcsoffset", (0.0, 0.0))),
-                                  simple=options.get("simplewcs", False))
+                                  offset=tuple(options.get("wcsoffset", (0.0, 0.0))), simple=simple)
     header.update(wcs)
-    if wcs_file and source == wcs_file:
-        frame.files_used["wcs"] = str(Path(wcs_file).resolve())
-    header.add_history(f"wcs: {source}")
+    header.add_history(f"wcs: {source}{' (plain TAN)' if simple else ''}")
 
 
 def _model_extensions(layout):
@@ -141,7 +145,7 @@ def collect_reduce_ota(filename, options, out=None):
     -------
     dict
         ``data_products``: ``ota``, ``header`` (the extension header), ``image``
-        (None if ``out`` was given), ``sky_samples``, ``sky`` (median, mean, std),
+        (``out`` if given), ``sky_samples``, ``sky`` (median, mean, std),
         ``files_used`` (step -> path) and ``steps`` (step -> status).
     """
     frame = reduce_ota(filename, reduction_settings(options), out=out)
@@ -159,8 +163,8 @@ def collect_reduce_ota(filename, options, out=None):
     undefined = options.get("indefval", math.nan)
     if not math.isnan(undefined):
         frame.image[~np.isfinite(frame.image)] = np.float32(undefined)
-    return {"ota": frame.ota, "header": header, "image": None if out is not None else frame.image,
-            "sky_samples": samples, "sky": (median, mean, std), "files_used": frame.files_used,
+    return {"ota": frame.ota, "header": header, "image": frame.image, "sky_samples": samples,
+            "sky": (median, mean, std), "files_used": frame.files_used,
             "steps": frame.steps}
 
 
@@ -182,14 +186,27 @@ def _inject_fault(ota):
         raise RuntimeError("injected fault")
 
 
+def to_fits_byte_order(image):
+    """Turn a native float32 buffer into big-endian in place (FITS order).
+
+    Done in the workers, in parallel, so that the master writes the buffers
+    without converting them.
+    """
+    if sys.byteorder == "little":
+        image.byteswap(inplace=True)
+    image.flush()
+
+
 def _worker(filename, ota, options, buffer_path, size, results):
     """Worker process: reduce one OTA into its shared buffer, send the products."""
+    start = time.monotonic()
     try:
         _inject_fault(ota)
         image = np.memmap(buffer_path, dtype=np.float32, mode="r+", shape=(size, size))
         products = collect_reduce_ota(filename, options, out=image)
-        image.flush()
+        to_fits_byte_order(products.pop("image"))
         del image
+        products["seconds"] = time.monotonic() - start
         results.put(("ok", ota, products))
     except Exception as error:  # one OTA's failure must not stop the others
         message = " ".join(str(error).split()) or type(error).__name__
@@ -212,8 +229,9 @@ class SharedBuffers:
                 handle.truncate(size * size * 4)
             self.paths[ota] = path
 
-    def array(self, ota):
-        return np.memmap(self.paths[ota], dtype=np.float32, mode="r+", shape=(self.size, self.size))
+    def array(self, ota, dtype=np.float32):
+        """The buffer of an OTA: native float32 for the workers, ``'>f4'`` once reduced."""
+        return np.memmap(self.paths[ota], dtype=dtype, mode="r+", shape=(self.size, self.size))
 
     def remove(self):
         for path in self.paths.values():
@@ -261,8 +279,8 @@ def run_workers(jobs, options, buffers, deadline=None):
                 running.pop(ota).join()
                 if status == "ok":
                     products[ota] = payload
-                    logger.info("OTA %02d reduced (%d/%d, %.1f s)", ota, len(products) + len(failures),
-                                total, time.monotonic() - started)
+                    logger.info("OTA %02d reduced in %.2f s (%d/%d, %.1f s)", ota, payload["seconds"],
+                                len(products) + len(failures), total, time.monotonic() - started)
                 else:
                     failures[ota] = payload
                     logger.error("OTA %02d failed: %s", ota, payload)
@@ -289,6 +307,7 @@ def run_serially(jobs, options, buffers):
     for ota, filename in jobs.items():
         try:
             products[ota] = collect_reduce_ota(filename, options, out=buffers.array(ota))
+            to_fits_byte_order(products[ota].pop("image"))
             logger.info("OTA %02d reduced (%d/%d)", ota, len(products) + len(failures), len(jobs))
         except Exception as error:
             failures[ota] = f"{type(error).__name__}: {' '.join(str(error).split())}"
@@ -406,7 +425,7 @@ def build_output(products, failures, buffers, first_header, layout, options, arg
             header.remove(key, ignore_missing=True, remove_all=True)
         if inherited:
             header["INHERIT"] = (True, "inherit the primary header")
-        data = products[ota]["image"] if products[ota]["image"] is not None else buffers.array(ota)
+        data = buffers.array(ota, ">f4")
         hdus.append(fits.ImageHDU(data=data, header=header, name=header["EXTNAME"]))
     hdus.append(association_table(products))
     return fits.HDUList(hdus)
@@ -454,6 +473,9 @@ def collectcells(options, argv=()):
     if missing:
         logger.warning("%s: no files for OTAs %s", exposure.base, ", ".join(f"{o:02d}" for o in missing))
     options = dict(options, calibrations=resolve_calibrations(options, first_header, binning))
+    # Read once here; the forked workers inherit it.
+    wcs_file = options["calibrations"].get("wcs")
+    options["canned_wcs"] = podi_wcs.read_canned_wcs(wcs_file) if wcs_file else {}
     size = cell_geometry(binning).ota_size
     for step in ("bias", "dark", "flat"):
         if options["calibrations"].get(step):

@@ -36,11 +36,14 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from podi_badpixels import derive_bpm_files
+from podi_crosstalk import crosstalk_file_for_mjd
 from podi_definitions import (PIPELINE_NAME, binning_from_header, cell_geometry, cell_to_ota,
                               fppos_for_ota, layout_for_mjd, ota_extname,
                               otas_to_normalize_flat)
 from podi_imcombine import COMBINE_METHODS, clipped_combine
 from podi_mef import CalibrationError, write_atomic
+from podi_nonlinearity import nonlinearity_file_for_mjd
 from podi_rawdata import RawDataError, find_exposure
 from podi_reduceota import ReductionSettings, cell_gains, reduce_ota
 from podi_stats import bin_image
@@ -241,6 +244,11 @@ def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None)
     binning = exposures[0].binning
     filter_name = exposures[0].filter
     filename = Path(outdir) / master_name(kind, binning, filter_name)
+    mjd = exposures[0].mjd
+    if settings.nonlinearity and Path(settings.nonlinearity).is_dir():
+        settings = replace(settings, nonlinearity=str(nonlinearity_file_for_mjd(settings.nonlinearity, mjd)))
+    if settings.crosstalk not in (None, "default") and Path(settings.crosstalk).is_dir():
+        settings = replace(settings, crosstalk=str(crosstalk_file_for_mjd(settings.crosstalk, mjd)))
     otas = sorted({ota for exposure in exposures for ota in exposure.ota_files})
     layout = layout_for_mjd(exposures[0].mjd)
     logger.info("%s: %d exposures, %d OTAs", filename.name, len(exposures), len(otas))
@@ -289,8 +297,13 @@ def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None)
     return filename
 
 
-def make_calibrations(paths, outdir, settings=None, combine="median", binning=None, ncpus=None):
-    """Sort the exposures and build every master they allow; return the files written."""
+def make_calibrations(paths, outdir, settings=None, combine="median", binning=None, ncpus=None,
+                      bpm_dir=None):
+    """Sort the exposures and build every master they allow; return the files written.
+
+    With ``bpm_dir``, bad-pixel region files are also derived from the master dark
+    and the first master flat of each binning (:mod:`podi_badpixels`).
+    """
     settings = settings or ReductionSettings(crosstalk="default")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -324,7 +337,23 @@ def make_calibrations(paths, outdir, settings=None, combine="median", binning=No
             if kind == "flat":
                 stage_settings.dark = _existing(outdir / master_name("dark", b), kind)
             written.append(make_master(kind, exposures, outdir, stage_settings, combine, ncpus))
+    if bpm_dir is not None:
+        derive_region_files(written, bpm_dir)
     return written
+
+
+def derive_region_files(masters, bpm_dir):
+    """Bad-pixel region files from the master dark and the first flat of each binning."""
+    names = {path.name: path for path in masters}
+    for b in (1, 2):
+        dark = names.get(master_name("dark", b))
+        flats = sorted(path for name, path in names.items()
+                       if name.startswith("flat_") and name.endswith(f"_bin{b}.fits"))
+        if dark and flats:
+            files = derive_bpm_files(dark, flats[0], bpm_dir)
+            logger.info("%d bad-pixel region files from %s and %s", len(files), dark.name, flats[0].name)
+        elif dark or flats:
+            logger.warning("binning %d: bad-pixel regions need both a master dark and a flat", b)
 
 
 def _existing(path, kind):
@@ -344,6 +373,8 @@ def build_parser():
     parser.add_argument("-gain", action="store_true", help="work in electrons (as -gain in collectcells)")
     parser.add_argument("-combine", default="median", choices=COMBINE_METHODS)
     parser.add_argument("-binning", type=int, default=None, help="only use frames of this binning")
+    parser.add_argument("-bpm", default=None, metavar="DIR",
+                        help="also derive bad-pixel region files from the master dark and flat")
     parser.add_argument("-ncpus", type=int, default=None)
     return parser
 
@@ -359,7 +390,8 @@ def main(argv=None):
     settings = ReductionSettings(crosstalk=None if args.crosstalk == "none" else args.crosstalk,
                                  nonlinearity=args.nonlinearity, gain=args.gain)
     try:
-        written = make_calibrations(inputs, outdir, settings, args.combine, args.binning, args.ncpus)
+        written = make_calibrations(inputs, outdir, settings, args.combine, args.binning, args.ncpus,
+                                    args.bpm)
     except (CalibrationError, RawDataError, OSError, ValueError) as error:
         print(f"podi_makecalibrations: error: {error}", file=sys.stderr)
         return 1

@@ -183,16 +183,16 @@ def gain(frame, settings):
         mean = np.mean([gains[cy, cx] for cx, cy in frame.used_cells])
         for cx, cy in frame.used_cells:
             gains[cy, cx] = table.relative_gain(frame.ota, cx, cy) * mean
-        method = "relative gain of the nonlinearity table x mean header gain"
+        method = "relative"
     else:
-        method = "cell header GAIN"
+        method = "header"
     for cx, cy in frame.used_cells:
         frame.cells[cy, cx] *= np.float32(gains[cy, cx])
     used = [gains[cy, cx] for cx, cy in frame.used_cells]
     frame.saturation *= float(min(used))
     frame.read_noise *= float(np.median(used))
-    frame.header["GAINMTHD"] = (method[:68], "gain applied to each cell")
-    frame.record("gain", method)
+    frame.header["GAINMTHD"] = (method, "cell gains: header GAIN or RELATIVE_GAIN x mean")
+    frame.record("gain", f"each cell times its {method} gain")
 
 
 def cell_gains(frame):

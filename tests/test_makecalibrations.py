@@ -98,6 +98,17 @@ def test_master_flat_recovers_the_true_flat(masters):
         assert np.sqrt(np.mean((ratio - 1) ** 2)) < 0.005
 
 
+def test_bad_pixel_regions_from_the_masters(masters, tmp_path):
+    from podi_bpm import read_bpm_mask
+    from podi_makecalibrations import derive_region_files
+    derive_region_files(list(masters.values()), tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.reg")) == ["bpm_xy22.reg", "bpm_xy33.reg", "bpm_xy34.reg"]
+    mask = read_bpm_mask(tmp_path / "bpm_xy34.reg", binning=2)
+    x, y, _ = Instrument(PODI).hot_pixels(34)
+    assert mask[y // 2, x // 2].mean() > 0.8      # the rest fall into gaps between cells
+    assert mask.mean() < 0.005
+
+
 def test_wrong_type_and_binning_are_skipped(object_exposure, calibration_exposures, tmp_path, caplog):
     written = make_calibrations([object_exposure, calibration_exposures["bias"][0]], tmp_path,
                                 binning=1, ncpus=1)

@@ -1,0 +1,87 @@
+"""Benchmark: podi_collectcells on a full 13-OTA pODI exposure (run by hand).
+
+    python benchmarks/bench_collectcells.py [--ncpus N] [--repeat N]
+
+Simulates once (cached in benchmarks/cache/) a full unbinned exposure with every
+effect, perfect masters in electrons and the camera's nonlinearity table, then
+times the reduction with bias, dark, flat, crosstalk, nonlinearity, gain and BPM.
+Prints wall time, the time of each stage (from one OTA reduced in this process)
+and the peak memory of the whole run (master + workers).
+"""
+
+import argparse
+import cProfile
+import pstats
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from podi_simulate import ExposureSpec, Instrument, simulate_exposure, write_true_calibrations  # noqa: E402
+from podi_definitions import PODI  # noqa: E402
+
+CACHE = HERE / "cache"
+SPEC = ExposureSpec(seed=42, mjd=56620.2)
+
+
+def prepare():
+    """The cached exposure, calibration folder and nonlinearity table."""
+    exposures = sorted(CACHE.glob("o*.1")) if CACHE.is_dir() else []
+    cals = CACHE / "cals"
+    if not exposures or not (cals / "flat_odi_r_bin1.fits").exists():
+        start = time.monotonic()
+        exposures = [simulate_exposure(SPEC, CACHE)]
+        print(f"simulated the exposure in {time.monotonic() - start:.1f} s")
+        write_true_calibrations(SPEC, cals, gain=True)
+        Instrument(PODI).write_nonlinearity_table(cals / "nonlinearity", PODI.otas)
+    return exposures[0], cals
+
+
+def stage_profile(exposure, cals, flags):
+    """Time per reduction stage for one OTA, in this process."""
+    from podi_calibfiles import resolve_calibrations
+    from podi_collectcells import collect_reduce_ota
+    from podi_commandline import parse_commandline
+    from podi_rawdata import find_exposure
+    options = parse_commandline([str(exposure), "/dev/null"] + flags)
+    ota_file = find_exposure(exposure).ota_files[33]
+    from astropy.io import fits
+    options["calibrations"] = resolve_calibrations(options, fits.getheader(ota_file), 1)
+    profiler = cProfile.Profile()
+    profiler.runcall(collect_reduce_ota, ota_file, options)
+    stats = pstats.Stats(profiler)
+    names = ["correct_crosstalk", "overscan", "nonlinearity", "gain", "assemble", "bias", "dark",
+             "flat", "bad_pixels", "cells", "apply_wcs", "sky_samples"]
+    for (filename, line, name), row in stats.stats.items():
+        if name in names and ("podi_" in filename):
+            print(f"  {name:18s} {row[3]:6.3f} s")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ncpus", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    exposure, cals = prepare()
+    output = CACHE / "reduced.fits"
+    flags = [f"-cals={cals}", "-gain", f"-nonlinearity={cals / 'nonlinearity'}", "-bpm=auto"]
+    if args.ncpus:
+        flags.append(f"-ncpus={args.ncpus}")
+    for run in range(args.repeat):
+        start = time.monotonic()
+        subprocess.run([sys.executable, "-m", "podi_collectcells", str(exposure), str(output)] + flags,
+                       check=True, cwd=HERE.parent)
+        print(f"run {run + 1}: wall time {time.monotonic() - start:.2f} s")
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"peak resident memory of one process: {children:.0f} MB "
+          "(workers share their OTA buffers through /dev/shm, 64 MB per OTA)")
+    print("time per stage, one OTA (33) in one process:")
+    stage_profile(exposure, cals, flags)
+
+
+if __name__ == "__main__":
+    main()
