@@ -28,6 +28,7 @@ import math
 import multiprocessing
 import os
 import pstats
+import queue
 import signal
 import sys
 import tempfile
@@ -239,6 +240,35 @@ class SharedBuffers:
         self.directory.rmdir()
 
 
+class Progress:
+    """One log line per finished OTA, or a progress bar when stderr is a terminal."""
+
+    def __init__(self, total):
+        self.total, self.count = total, 0
+        self.started = time.monotonic()
+        self.bar = sys.stderr.isatty() and logger.getEffectiveLevel() > logging.DEBUG
+
+    def done(self, ota, products, failure=None):
+        self.count += 1
+        elapsed = time.monotonic() - self.started
+        if products is None:
+            if self.bar:
+                sys.stderr.write("\n")
+            logger.error("OTA %02d failed: %s", ota, failure)
+        elif self.bar:
+            filled = int(30 * self.count / self.total)
+            sys.stderr.write(f"\r[{'#' * filled}{' ' * (30 - filled)}] {self.count}/{self.total} OTAs "
+                             f"{elapsed:.1f} s")
+            sys.stderr.flush()
+        else:
+            logger.info("OTA %02d reduced in %.2f s (%d/%d, %.1f s)", ota, products["seconds"],
+                        self.count, self.total, elapsed)
+
+    def close(self):
+        if self.bar and self.count:
+            sys.stderr.write("\n")
+
+
 def run_workers(jobs, options, buffers, deadline=None):
     """Reduce every OTA in its own process, at most ``ncpus`` at once.
 
@@ -260,8 +290,7 @@ def run_workers(jobs, options, buffers, deadline=None):
     pending = list(jobs.items())
     running, products, failures = {}, {}, {}
     ncpus = max(1, int(options.get("ncpus") or os.cpu_count() or 1))
-    total = len(jobs)
-    started = time.monotonic()
+    progress = Progress(len(jobs))
     try:
         while pending or running:
             while pending and len(running) < ncpus:
@@ -273,28 +302,27 @@ def run_workers(jobs, options, buffers, deadline=None):
                 running[ota] = process
             try:
                 status, ota, payload = results.get(timeout=0.2)
-            except Exception:
+            except queue.Empty:
                 status = None
             if status is not None:
                 running.pop(ota).join()
                 if status == "ok":
                     products[ota] = payload
-                    logger.info("OTA %02d reduced in %.2f s (%d/%d, %.1f s)", ota, payload["seconds"],
-                                len(products) + len(failures), total, time.monotonic() - started)
                 else:
                     failures[ota] = payload
-                    logger.error("OTA %02d failed: %s", ota, payload)
+                progress.done(ota, payload if status == "ok" else None, failure=payload)
             for ota, process in list(running.items()):
                 # A worker that died without a word (killed, crashed) fails its OTA only.
                 if not process.is_alive() and results.empty():
                     process.join()
                     del running[ota]
                     failures[ota] = f"worker process died (exit code {process.exitcode})"
-                    logger.error("OTA %02d failed: %s", ota, failures[ota])
+                    progress.done(ota, None, failure=failures[ota])
             if deadline is not None and time.monotonic() > deadline:
                 raise ReductionError(f"timed out after {options['timeout']:g} s; "
                                      f"{len(running) + len(pending)} OTAs unfinished")
     finally:
+        progress.close()
         for process in running.values():
             process.kill()
             process.join()
@@ -304,14 +332,17 @@ def run_workers(jobs, options, buffers, deadline=None):
 def run_serially(jobs, options, buffers):
     """All OTAs in this process (``-profile`` and ``-ncpus=1``)."""
     products, failures = {}, {}
+    progress = Progress(len(jobs))
     for ota, filename in jobs.items():
+        start = time.monotonic()
         try:
             products[ota] = collect_reduce_ota(filename, options, out=buffers.array(ota))
             to_fits_byte_order(products[ota].pop("image"))
-            logger.info("OTA %02d reduced (%d/%d)", ota, len(products) + len(failures), len(jobs))
-        except Exception as error:
+            products[ota]["seconds"] = time.monotonic() - start
+        except Exception as error:  # one OTA's failure must not stop the others
             failures[ota] = f"{type(error).__name__}: {' '.join(str(error).split())}"
-            logger.error("OTA %02d failed: %s", ota, failures[ota])
+        progress.done(ota, products.get(ota), failure=failures.get(ota))
+    progress.close()
     return products, failures
 
 

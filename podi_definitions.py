@@ -321,6 +321,28 @@ def ota_origin_in_focal_plane(ota, binning=1):
     return x / binning, y / binning
 
 
+def focal_plane_to_ota(x, y, layout, binning=1):
+    """Which OTA of a layout holds a focal-plane position, and where.
+
+    Parameters
+    ----------
+    x, y : float
+        Position relative to the optical axis (pixels of the given binning), as
+        returned by :func:`ota_origin_in_focal_plane` plus an offset.
+
+    Returns
+    -------
+    tuple or None
+        ``(ota, x_ota, y_ota)`` in 0-based OTA pixels, or None between OTAs.
+    """
+    size = cell_geometry(binning).ota_size
+    for ota in layout.otas:
+        x0, y0 = ota_origin_in_focal_plane(ota, binning)
+        if 0 <= x - x0 < size and 0 <= y - y0 < size:
+            return ota, x - x0, y - y0
+    return None
+
+
 # --- Filters ----------------------------------------------------------------------
 
 _FILTERID_NAMES = {

@@ -95,13 +95,13 @@ def classify(path):
                        float(header.get("MJD-OBS", 0.0)), exposure.ota_files)
 
 
-def flat_normalisation_level(images):
+def flat_normalisation_level(binned):
     """Level 1.0 of a master flat: clipped median of the pooled, 8x8-binned OTAs.
 
     Parameters
     ----------
-    images : list of numpy.ndarray
-        OTA arrays (NaN = no data) of the OTAs that define the normalisation.
+    binned : list of numpy.ndarray
+        8x8-binned OTA arrays (NaN = no data) of the OTAs that define the level.
 
     Returns
     -------
@@ -109,7 +109,7 @@ def flat_normalisation_level(images):
         Iterate three times: median m and standard deviation s of the pooled
         8x8-binned pixels within [m - 2 s, m + 3 s] of the previous pass.
     """
-    pooled = np.concatenate([bin_image(image, 8).ravel() for image in images])
+    pooled = np.concatenate([image.ravel() for image in binned])
     pooled = pooled[np.isfinite(pooled)]
     selection = pooled
     for _ in range(3):

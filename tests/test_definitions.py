@@ -6,9 +6,9 @@ from astropy.io import fits
 
 from podi_definitions import (N_CELLS, ODI_5X6, PODI, all_cells, binning_from_header,
                               cell_geometry, cell_is_science, cell_to_ota, filter_level,
-                              fppos_for_ota, layout_for_mjd, normalised_filter_name,
-                              ota_from_fppos, ota_to_cell, overscan_section, science_section,
-                              working_otas)
+                              focal_plane_to_ota, fppos_for_ota, layout_for_mjd,
+                              normalised_filter_name, ota_from_fppos, ota_origin_in_focal_plane,
+                              ota_to_cell, overscan_section, science_section, working_otas)
 
 
 @pytest.mark.parametrize("binning", [1, 2])
@@ -33,6 +33,21 @@ def test_cell_to_ota_round_trip(binning):
         ys, xs = cell_to_ota(cx, cy, binning)
         for row, col in zip(rng.integers(0, rows.stop, 20), rng.integers(0, cols.stop, 20)):
             assert ota_to_cell(xs.start + col, ys.start + row, binning) == (cx, cy, col, row)
+
+
+@pytest.mark.parametrize("layout", [PODI, ODI_5X6])
+@pytest.mark.parametrize("binning", [1, 2])
+def test_focal_plane_round_trip(layout, binning):
+    """cell -> OTA array -> focal plane -> OTA array -> cell, for every OTA and cell."""
+    for ota in layout.otas:
+        x0, y0 = ota_origin_in_focal_plane(ota, binning)
+        for cx, cy in all_cells():
+            ys, xs = cell_to_ota(cx, cy, binning)
+            found = focal_plane_to_ota(x0 + xs.start + 7, y0 + ys.start + 3, layout, binning)
+            assert found == (ota, xs.start + 7, ys.start + 3)
+            assert ota_to_cell(found[1], found[2], binning) == (cx, cy, 7, 3)
+    # The optical axis lies in the gap between OTAs 33, 34, 43 and 44.
+    assert focal_plane_to_ota(0.0, 0.0, layout, binning) is None
 
 
 def test_geometry_numbers_of_the_original():
