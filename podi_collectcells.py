@@ -45,7 +45,7 @@ from podi_calibfiles import CalibrationNotFound, resolve_calibrations
 from podi_commandline import HelpRequested, OptionError, expand_output_name, parse_commandline, usage
 from podi_definitions import (FULL_FIELD_FILTERS, PIPELINE_NAME, PIPELINE_VERSION, cell_geometry,
                               is_guide_ota, layout_for_mjd, normalised_filter_name)
-from podi_mef import CalibrationError, check_calibration_binning, write_atomic
+from podi_mef import CalibrationError, StreamedMEF, check_calibration_binning
 from podi_rawdata import RawDataError, find_exposure, open_raw_ota
 from podi_reduceota import ReductionSettings, reduce_ota
 from podi_sky import sky_samples, sky_statistics
@@ -164,9 +164,43 @@ def collect_reduce_ota(filename, options, out=None):
     undefined = options.get("indefval", math.nan)
     if not math.isnan(undefined):
         frame.image[~np.isfinite(frame.image)] = np.float32(undefined)
-    return {"ota": frame.ota, "header": header, "image": frame.image, "sky_samples": samples,
-            "sky": (median, mean, std), "files_used": frame.files_used,
+    inherited = {} if options.get("prep4sex") else move_inherited_keywords(header)
+    return {"ota": frame.ota, "header": header, "inherited": inherited, "image": frame.image,
+            "sky_samples": samples, "sky": (median, mean, std), "files_used": frame.files_used,
             "steps": frame.steps}
+
+
+def move_inherited_keywords(header):
+    """Remove the exposure-level keywords from an OTA header; return them for the primary.
+
+    Returns
+    -------
+    dict
+        Keyword -> (value, comment), in the order of :data:`INHERITED_KEYWORDS`.
+    """
+    moved = {}
+    for key in INHERITED_KEYWORDS:
+        if key in header:
+            moved[key] = (header[key], header.comments[key])
+            header.remove(key, remove_all=True)
+    header["INHERIT"] = (True, "inherit the primary header")
+    return moved
+
+
+def finish_buffer(products, image):
+    """Put a reduced OTA into FITS byte order; its final header text goes to ``products``.
+
+    Done in the workers, in parallel, so that the master only copies the buffer
+    into the output file.
+    """
+    if sys.byteorder == "little":
+        image.byteswap(inplace=True)
+    image.flush()
+    hdu = fits.ImageHDU(data=image.view(image.dtype.newbyteorder(">")) if sys.byteorder == "little"
+                        else image, header=products["header"])
+    hdu.add_checksum()
+    products["header"] = hdu.header
+    products["header_text"] = hdu.header.tostring()
 
 
 def _finite(value):
@@ -187,17 +221,6 @@ def _inject_fault(ota):
         raise RuntimeError("injected fault")
 
 
-def to_fits_byte_order(image):
-    """Turn a native float32 buffer into big-endian in place (FITS order).
-
-    Done in the workers, in parallel, so that the master writes the buffers
-    without converting them.
-    """
-    if sys.byteorder == "little":
-        image.byteswap(inplace=True)
-    image.flush()
-
-
 def _worker(filename, ota, options, buffer_path, size, results):
     """Worker process: reduce one OTA into its shared buffer, send the products."""
     start = time.monotonic()
@@ -205,7 +228,7 @@ def _worker(filename, ota, options, buffer_path, size, results):
         _inject_fault(ota)
         image = np.memmap(buffer_path, dtype=np.float32, mode="r+", shape=(size, size))
         products = collect_reduce_ota(filename, options, out=image)
-        to_fits_byte_order(products.pop("image"))
+        finish_buffer(products, products.pop("image"))
         del image
         products["seconds"] = time.monotonic() - start
         results.put(("ok", ota, products))
@@ -230,9 +253,9 @@ class SharedBuffers:
                 handle.truncate(size * size * 4)
             self.paths[ota] = path
 
-    def array(self, ota, dtype=np.float32):
-        """The buffer of an OTA: native float32 for the workers, ``'>f4'`` once reduced."""
-        return np.memmap(self.paths[ota], dtype=dtype, mode="r+", shape=(self.size, self.size))
+    def array(self, ota):
+        """The buffer of an OTA as a native float32 array."""
+        return np.memmap(self.paths[ota], dtype=np.float32, mode="r+", shape=(self.size, self.size))
 
     def remove(self):
         for path in self.paths.values():
@@ -269,13 +292,16 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def run_workers(jobs, options, buffers, deadline=None):
+def run_workers(jobs, options, buffers, sink, deadline=None):
     """Reduce every OTA in its own process, at most ``ncpus`` at once.
 
     Parameters
     ----------
     jobs : dict
         OTA -> raw file.
+    sink : callable
+        Called as ``sink(ota, products)`` as each OTA finishes (``products`` None
+        when it failed).
     deadline : float, optional
         ``time.monotonic()`` limit; when it passes every worker is killed and
         :class:`ReductionError` raised.
@@ -311,6 +337,7 @@ def run_workers(jobs, options, buffers, deadline=None):
                 else:
                     failures[ota] = payload
                 progress.done(ota, payload if status == "ok" else None, failure=payload)
+                sink(ota, payload if status == "ok" else None)
             for ota, process in list(running.items()):
                 # A worker that died without a word (killed, crashed) fails its OTA only.
                 if not process.is_alive() and results.empty():
@@ -318,6 +345,7 @@ def run_workers(jobs, options, buffers, deadline=None):
                     del running[ota]
                     failures[ota] = f"worker process died (exit code {process.exitcode})"
                     progress.done(ota, None, failure=failures[ota])
+                    sink(ota, None)
             if deadline is not None and time.monotonic() > deadline:
                 raise ReductionError(f"timed out after {options['timeout']:g} s; "
                                      f"{len(running) + len(pending)} OTAs unfinished")
@@ -329,7 +357,7 @@ def run_workers(jobs, options, buffers, deadline=None):
     return products, failures
 
 
-def run_serially(jobs, options, buffers):
+def run_serially(jobs, options, buffers, sink):
     """All OTAs in this process (``-profile`` and ``-ncpus=1``)."""
     products, failures = {}, {}
     progress = Progress(len(jobs))
@@ -337,11 +365,12 @@ def run_serially(jobs, options, buffers):
         start = time.monotonic()
         try:
             products[ota] = collect_reduce_ota(filename, options, out=buffers.array(ota))
-            to_fits_byte_order(products[ota].pop("image"))
+            finish_buffer(products[ota], products[ota].pop("image"))
             products[ota]["seconds"] = time.monotonic() - start
         except Exception as error:  # one OTA's failure must not stop the others
             failures[ota] = f"{type(error).__name__}: {' '.join(str(error).split())}"
         progress.done(ota, products.get(ota), failure=failures.get(ota))
+        sink(ota, products.get(ota))
     progress.close()
     return products, failures
 
@@ -376,11 +405,10 @@ def primary_header(first_header, products, failures, options, argv):
     """Primary header: inherited exposure keywords, pipeline and summary keywords."""
     primary = fits.Header()
     if not options.get("prep4sex"):
-        for key in INHERITED_KEYWORDS:
-            for result in products.values():
-                if key in result["header"]:
-                    primary[key] = (result["header"][key], result["header"].comments[key])
-                    break
+        for result in products.values():
+            for key, card in result["inherited"].items():
+                if key not in primary:
+                    primary[key] = card
     else:
         for key in ("OBSID", "OBJECT", "FILTER", "EXPTIME", "MJD-OBS", "RA", "DEC"):
             if key in first_header:
@@ -446,20 +474,26 @@ def association_table(products):
     return hdu
 
 
-def build_output(products, failures, buffers, first_header, layout, options, argv):
-    """The output HDUList: primary, one ``OTA<xy>.SCI`` per OTA in inside-out order, tables."""
-    hdus = [fits.PrimaryHDU(header=primary_header(first_header, products, failures, options, argv))]
-    inherited = set(hdus[0].header) if not options.get("prep4sex") else set()
-    for ota in [o for o in layout.output_order if o in products]:
-        header = products[ota]["header"]
-        for key in inherited & set(INHERITED_KEYWORDS):
-            header.remove(key, ignore_missing=True, remove_all=True)
-        if inherited:
-            header["INHERIT"] = (True, "inherit the primary header")
-        data = buffers.array(ota, ">f4")
-        hdus.append(fits.ImageHDU(data=data, header=header, name=header["EXTNAME"]))
-    hdus.append(association_table(products))
-    return fits.HDUList(hdus)
+class OrderedSink:
+    """Appends finished OTAs to the output file in the inside-out order, as they come.
+
+    Writing overlaps with the reduction of the other OTAs; each shared buffer is
+    freed once its OTA is in the file.
+    """
+
+    def __init__(self, stream, order, buffers):
+        self.stream, self.buffers = stream, buffers
+        self.pending, self.ready = list(order), {}
+
+    def __call__(self, ota, products):
+        self.ready[ota] = products
+        while self.pending and self.pending[0] in self.ready:
+            ota = self.pending.pop(0)
+            result = self.ready.pop(ota)
+            if result is not None:
+                self.stream.add_image(result["header_text"], self.buffers.paths[ota],
+                                      self.buffers.size**2 * 4)
+            self.buffers.paths[ota].unlink(missing_ok=True)
 
 
 # --- The whole frame ----------------------------------------------------------------------
@@ -514,28 +548,33 @@ def collectcells(options, argv=()):
     if not options.get("bgmode"):
         logger.info("%s %s: reducing %s (%d OTAs, binning %d)", PIPELINE_NAME, PIPELINE_VERSION,
                     exposure.base, len(otas), binning)
+    output.parent.mkdir(parents=True, exist_ok=True)
     buffers = SharedBuffers(otas, size)
+    stream = StreamedMEF(output)
     try:
         jobs = {ota: exposure.ota_files[ota] for ota in otas}
+        sink = OrderedSink(stream, otas, buffers)
         deadline = start + options["timeout"] if options.get("timeout") else None
         if options.get("profile"):
             profiler = cProfile.Profile()
-            products, failures = profiler.runcall(run_serially, jobs, options, buffers)
+            products, failures = profiler.runcall(run_serially, jobs, options, buffers, sink)
             pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
         elif options.get("ncpus") == 1:
-            products, failures = run_serially(jobs, options, buffers)
+            products, failures = run_serially(jobs, options, buffers, sink)
         else:
-            products, failures = run_workers(jobs, options, buffers, deadline)
+            products, failures = run_workers(jobs, options, buffers, sink, deadline)
         if not products:
             raise ReductionError(f"{exposure.base}: every OTA failed; no output written")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        hdulist = build_output(products, failures, buffers, first_header, layout, options, argv)
         if deadline is not None and time.monotonic() > deadline:
             raise ReductionError(f"timed out after {options['timeout']:g} s; no output written")
-        write_atomic(hdulist, output)
+        stream.add_table(association_table(products))
+        primary = primary_header(first_header, products, failures, options, argv)
+        stream.finish(primary)
+    except BaseException:
+        stream.abort()
+        raise
     finally:
         buffers.remove()
-    primary = hdulist[0].header
     print(f"{exposure.base}: {len(products)} OTAs reduced, {len(failures)} failed, "
           f"sky {primary['SKYLEVEL']:.1f} {primary['BUNIT']}, "
           f"{time.monotonic() - start:.1f} s -> {output}")

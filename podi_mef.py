@@ -6,6 +6,7 @@ written under a temporary name and renamed, so that a crash or a kill never leav
 a partial file behind.
 """
 
+import io
 import os
 from pathlib import Path
 
@@ -39,6 +40,95 @@ def write_atomic(hdulist, filename, overwrite=True):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+class _Memory(io.BytesIO):
+    """A byte buffer that survives astropy closing it after writing."""
+
+    def close(self):
+        pass
+
+
+def hdu_bytes(hdu):
+    """The bytes of one extension HDU as written in a file, with its checksums."""
+    buffer = _Memory()
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buffer, checksum=True)
+    raw = buffer.getvalue()
+    with fits.open(io.BytesIO(raw)) as hdulist:
+        start = hdulist[1].fileinfo()["hdrLoc"]
+    return raw[start:]
+
+
+class StreamedMEF:
+    """A MEF written while it is being made: image extensions as they come, then tables,
+    then the primary header into space reserved for it at the start.
+
+    The image data are already in files in FITS (big-endian) order and are copied
+    file to file by the kernel (``sendfile``), never through Python. Everything is
+    written under a temporary name: :meth:`finish` renames it, :meth:`abort`
+    removes it, so a partial file never carries the final name.
+
+    Parameters
+    ----------
+    filename : str or Path
+    reserved_blocks : int
+        2880-byte blocks kept for the primary header (36 cards each).
+    """
+
+    def __init__(self, filename, reserved_blocks=12):
+        self.filename = Path(filename)
+        self.tmp = self.filename.with_name(f".{self.filename.name}.{os.getpid()}.tmp")
+        self.reserved = reserved_blocks * 2880
+        self.out = open(self.tmp, "wb", buffering=0)
+        self.out.write(bytes(self.reserved))
+
+    def add_image(self, header_text, data_path, nbytes):
+        """Append an image extension: header text (with checksums) and its data file."""
+        self.out.write(header_text.encode("ascii"))
+        with open(data_path, "rb") as source:
+            copied = 0
+            while copied < nbytes:
+                copied += os.sendfile(self.out.fileno(), source.fileno(), copied, nbytes - copied)
+        self.out.write(bytes(-nbytes % 2880))
+
+    def add_table(self, hdu):
+        self.out.write(hdu_bytes(hdu))
+
+    def finish(self, primary_header):
+        """Write the data-less primary HDU at the start and give the file its name."""
+        primary = _primary_bytes(primary_header, self.reserved)
+        if len(primary) == self.reserved:
+            os.pwrite(self.out.fileno(), primary, 0)
+            self.out.close()
+        else:
+            # The header outgrew its space: copy the extensions behind a larger one.
+            self.out.close()
+            moved = self.tmp.with_name(self.tmp.name + ".2")
+            with open(self.tmp, "rb") as source, open(moved, "wb", buffering=0) as out:
+                out.write(primary)
+                size = self.tmp.stat().st_size - self.reserved
+                copied = 0
+                while copied < size:
+                    copied += os.sendfile(out.fileno(), source.fileno(), self.reserved + copied,
+                                          size - copied)
+            os.replace(moved, self.tmp)
+        os.replace(self.tmp, self.filename)
+
+    def abort(self):
+        self.out.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _primary_bytes(header, size):
+    """A data-less primary HDU with checksums, padded with blank cards to ``size`` bytes if it fits."""
+    hdu = fits.PrimaryHDU(header=header)
+    hdu.header.set("EXTEND", True, "there are extensions", after="NAXIS")
+    cards = len(hdu.header.cards) + 3  # END, and CHECKSUM and DATASUM to come
+    for _ in range(max(size // 80 - cards, 0)):
+        hdu.header.add_blank()
+    buffer = _Memory()
+    fits.HDUList([hdu]).writeto(buffer, checksum=True)
+    return buffer.getvalue()
 
 
 def ota_hdu_index(hdulist, ota):

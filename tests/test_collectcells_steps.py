@@ -130,3 +130,29 @@ def test_prep4sex(object_exposure, true_cals, tmp_path):
         assert np.isnan(data).sum() == 0
         assert (data == np.float32(-1e31)).sum() > 0.05 * data.size
         assert "FILTER" in hdus[1].header and "INHERIT" not in hdus[1].header
+
+
+def test_ota_selection_rules():
+    from pathlib import Path
+    from podi_collectcells import select_otas
+    from podi_rawdata import Exposure
+    exposure = Exposure(Path("/raw"), "o1", {ota: Path(f"/raw/o1.{ota:02d}.fits") for ota in (0, 33, 55, 44)})
+    assert select_otas(exposure, PODI, {}) == [33, 44, 55, 0]          # inside-out order
+    assert select_otas(exposure, PODI, {"centralonly": True}) == [33, 44]
+    assert select_otas(exposure, PODI, {"skipota": [44, 0]}) == [33, 55]
+    assert select_otas(exposure, PODI, {"singleota": 55}) == [55]
+
+
+def test_real_canned_wcs_and_banner(object_exposure, true_cals, mastercals, tmp_path, caplog):
+    """The real pODI solution through the whole program; -bgmode drops the banner."""
+    canned = mastercals / "wcs" / "podi" / "2mass_distort5.fits"
+    output = tmp_path / "real_wcs.fits"
+    assert run_collectcells(object_exposure, output, f"-cals={true_cals}", f"-wcs={canned}", "-bgmode") == 0
+    assert "reducing" not in caplog.text
+    with fits.open(output) as hdus:
+        header = hdus["OTA33.SCI"].header
+        assert header["CTYPE1"] == "RA---TPV" and "PV1_22" in header
+        # DECISIONS 1: the header pointing lies near pixel (4200, 4200) of OTA 33 (binning 1).
+        x, y = WCS(header).all_world2pix([150.0], [30.0], 0)
+        assert np.hypot(x[0] * 2 - 4152, y[0] * 2 - 4132) * 0.1126 < 15
+        assert "2mass_distort5.fits" in set(hdus["ASSOCIATIONS"].data["filename"])
