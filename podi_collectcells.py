@@ -65,7 +65,7 @@ INHERITED_KEYWORDS = (
 
 #: The raw IRAF WCS, replaced by the canned solution.
 _RAW_WCS_PREFIXES = ("WAT", "CTYPE", "CRVAL", "CRPIX", "CD1_", "CD2_", "PV1_", "PV2_", "CUNIT",
-                     "LTV", "LTM", "RADECSYS")
+                     "RADECSYS")
 
 
 class ReductionError(Exception):

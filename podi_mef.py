@@ -147,7 +147,7 @@ def ota_hdu_index(hdulist, ota):
     return None
 
 
-def read_ota_image(filename, ota, size):
+def read_ota_image(filename, ota, size, copy=True):
     """Read the image of one OTA from a pipeline-format file (a master calibration).
 
     Parameters
@@ -156,6 +156,9 @@ def read_ota_image(filename, ota, size):
     ota : int
     size : int
         Expected side of the OTA array (4096 at binning 1, 2048 at binning 2).
+    copy : bool
+        False returns the read-only memory map of the file's data (big-endian),
+        which arithmetic reads without a converted copy.
 
     Returns
     -------
@@ -177,7 +180,8 @@ def read_ota_image(filename, ota, size):
                 shape = None if hdu.data is None else hdu.data.shape
                 raise CalibrationError(f"{filename}: OTA {ota:02d} is {shape}, expected "
                                        f"({size}, {size}): binning does not match the raw data")
-            return np.array(hdu.data, dtype=np.float32), hdu.header.copy(), hdulist[0].header.copy()
+            data = np.array(hdu.data, dtype=np.float32) if copy else hdu.data
+            return data, hdu.header.copy(), hdulist[0].header.copy()
     except CalibrationError:
         raise
     except Exception as error:

@@ -230,7 +230,7 @@ def assemble(frame, settings):
 
 def _master(frame, filename, step):
     size = cell_geometry(frame.binning).ota_size
-    data, header, primary = read_ota_image(filename, frame.ota, size)
+    data, header, primary = read_ota_image(filename, frame.ota, size, copy=False)
     frame.header[f"CC-{step.upper()[:5]}"] = (Path(filename).name, f"master {step}")
     return data, header, primary
 
@@ -253,8 +253,7 @@ def dark(frame, settings):
     if dark_time <= 0:
         raise CalibrationError(f"{settings.dark}: master dark has no positive EXPTIME")
     scale = float(frame.primary.get("EXPTIME", 0.0)) / dark_time
-    data *= np.float32(scale)
-    frame.image -= data
+    frame.image -= data * np.float32(scale)
     frame.header["DARKSCAL"] = (scale, "EXPTIME science / EXPTIME dark")
     frame.record("dark", f"{settings.dark} x {scale:.4f}", settings.dark)
 

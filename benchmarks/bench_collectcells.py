@@ -72,13 +72,16 @@ def main():
     if args.ncpus:
         flags.append(f"-ncpus={args.ncpus}")
     for run in range(args.repeat):
+        # Replacing an existing 0.9 GB file costs its deletion, which a night loop
+        # writing new names does not pay.
+        output.unlink(missing_ok=True)
         start = time.monotonic()
         subprocess.run([sys.executable, "-m", "podi_collectcells", str(exposure), str(output)] + flags,
                        check=True, cwd=HERE.parent)
         print(f"run {run + 1}: wall time {time.monotonic() - start:.2f} s")
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"peak resident memory of one process: {children:.0f} MB "
-          "(workers share their OTA buffers through /dev/shm, 64 MB per OTA)")
+    print(f"peak resident memory of the largest process: {children:.0f} MB; shared OTA "
+          f"buffers in /dev/shm: at most {13 * 64} MB, freed as each OTA is written")
     print("time per stage, one OTA (33) in one process:")
     stage_profile(exposure, cals, flags)
 

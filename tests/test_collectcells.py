@@ -127,7 +127,10 @@ def test_units_and_keywords(reduced_object, object_exposure):
         for hdu in hdus[1:4]:
             assert hdu.header["INHERIT"] is True
             assert "FILTER" not in hdu.header and "WAT1_001" not in hdu.header
-            assert hdu.header["DETSEC"].startswith("[")
+            ota = hdu.header["OTA"]
+            x0, y0 = (ota // 10) * 2048, (ota % 10) * 2048
+            assert hdu.header["DETSEC"] == f"[{x0 + 1}:{x0 + 2048},{y0 + 1}:{y0 + 2048}]"
+            assert (hdu.header["LTV1"], hdu.header["LTV2"]) == (-x0, -y0)
             assert hdu.header["SKY_MEDI"] == pytest.approx(truth["SKY_ADU"], rel=0.005)
         for hdu in hdus:
             assert hdu.verify_checksum() == 1 and hdu.verify_datasum() == 1
