@@ -41,6 +41,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from podi_bpm import bpm_filename, write_bpm_regions
 from podi_definitions import cell_geometry, ota_from_fppos
 from podi_mef import CalibrationError, read_ota_image
+from podi_stats import robust_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -93,22 +94,6 @@ class BadPixelSummary:
     n_boxes: int
 
 
-def robust_level(image):
-    """Median and robust standard deviation of the finite pixels of an image.
-
-    Returns
-    -------
-    (float, float)
-        Median and 1.4826 x median absolute deviation (units of ``image``);
-        NaN for an image without finite pixels.
-    """
-    values = image[np.isfinite(image)]
-    if not values.size:
-        return np.nan, np.nan
-    median = float(np.median(values))
-    return median, 1.4826 * float(np.median(np.abs(values - median)))
-
-
 def hot_threshold(dark, dark_exptime):
     """Level and threshold of hot pixels in a master dark.
 
@@ -129,7 +114,7 @@ def hot_threshold(dark, dark_exptime):
     if not dark_exptime > 0:
         raise ValueError(f"dark exposure time {dark_exptime!r} s: must be positive "
                          "to compare dark currents")
-    level, sigma = robust_level(dark)
+    level, sigma = robust_statistics(dark)
     return level, sigma, max(HOT_NSIGMA * sigma, HOT_RATE * dark_exptime)
 
 

@@ -46,7 +46,7 @@ from podi_mef import CalibrationError, write_atomic
 from podi_nonlinearity import nonlinearity_file_for_mjd
 from podi_rawdata import RawDataError, find_exposure
 from podi_reduceota import ReductionSettings, cell_gains, reduce_ota
-from podi_stats import bin_image
+from podi_stats import bin_image, robust_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +130,6 @@ def master_name(kind, binning, filter_name=None):
     return f"flat_{filter_name}_bin{binning}.fits"
 
 
-def _robust_level(image):
-    finite = image[::7, ::7]
-    finite = finite[np.isfinite(finite)]
-    return float(np.median(finite)) if finite.size else np.nan
-
-
 def combine_ota(kind, ota, binning, files, settings, combine, exptimes, tmpdir):
     """Reduce one OTA of every input frame, combine, and write it to a temporary file.
 
@@ -164,7 +158,7 @@ def combine_ota(kind, ota, binning, files, settings, combine, exptimes, tmpdir):
     if kind == "flat":
         # Each frame's lamp level is brought to the stack's mean: the same factor
         # for all OTAs of a frame when the lamp varies globally.
-        levels = np.array([_robust_level(image) for image in cube])
+        levels = np.array([robust_statistics(image, step=7)[0] for image in cube])
         cube *= (levels.mean() / levels)[:, None, None].astype(np.float32)
     combined, _ = clipped_combine(cube, combine)
     del cube
@@ -189,7 +183,7 @@ def effective_gain(frame, flat=None):
     gain_map = np.full(flat.shape, np.nan, np.float32)
     for cx, cy in used:
         gain_map[cell_to_ota(cx, cy, frame.binning)] = gains[cy, cx]
-    return _robust_level(flat * gain_map) / _robust_level(flat)
+    return robust_statistics(flat * gain_map, step=7)[0] / robust_statistics(flat, step=7)[0]
 
 
 def master_primary(kind, binning, exptime, mjd, gain, filter_name=None):
