@@ -78,6 +78,7 @@ def reduction_settings(options):
     """The per-OTA reduction steps from the options and resolved calibrations."""
     calibrations = options["calibrations"]
     return ReductionSettings(crosstalk=calibrations.get("crosstalk"),
+                             overscan_method=options.get("overscan", "clippedmean"),
                              nonlinearity=calibrations.get("nonlinearity"),
                              gain=options.get("gain", False),
                              bias=calibrations.get("bias"), dark=calibrations.get("dark"),

@@ -20,7 +20,7 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -wcs[=FILE|DIR|none]       canned WCS; bare: package's model; none: TAN     None (package's model)
     -crosstalk[=FILE|DIR|none] crosstalk matrix; bare: <cals>/crosstalk/        None (built-in coefficient)
     -gain                      output in electrons instead of ADU               False
-    -fixwcs                    astrometric calibration against a catalog        False
+    -fixwcs                    astrometric calibration (not available yet)      False
     -simplewcs                 plain TAN WCS, no distortion terms               False
     -wcsoffset=dRA,dDec        pointing offset (degrees), added to CRVAL        (0.0, 0.0)
     -prep4sex                  undefined pixels -1e31, headers self-contained   False
@@ -30,20 +30,22 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -centralonly               only the central 3x3 OTAs                        False
     -noclobber                 skip the exposure if the output exists           False
     -bgmode                    quiet background mode                            False
-    -photcalib                 photometric zero point (needs -fixwcs)           False
-    -fitradialZP               fit a radial zero-point gradient                 False
+    -photcalib                 photometric zero point (not available yet)       False
+    -fitradialZP               radial zero-point gradient (not available yet)   False
     -plotformat=a,b            QA plot file formats                             ['png']
     -nootalevelplots           key otalevelplots: no per-OTA QA plots           True
     -qasubdirs                 QA plots in a subfolder                          False
     -qasubdirname=NAME         name of that subfolder; implies -qasubdirs       'QA'
     -noqaplots                 key create_qaplots: no QA plots at all           True
     -addfitskey=KEY,value      add a primary keyword (repeatable)               {}
+    -overscan=METHOD           clippedmean or median of each overscan block     'clippedmean'
     -ncpus=N                   worker processes                                 os.cpu_count()
     -timeout[=SEC]             stop after SEC seconds; bare: 900                None (no limit)
     -verbose                   more log output                                  False
     -profile                   one process, under cProfile                      False
     -update_persistency_only   accepted for compatibility, no effect            False
-    -pupilghost, -fringe, -fringevectors, -persistency, -nonsidereal
+    -pupilghost, -fringe, -fringevectors, -persistency, -nonsidereal, and for now
+    -fixwcs, -photcalib, -fitradialZP
                                not available yet: stop with an error            None
     -pointing, -dither, -target
                                defunct: accepted with a warning, ignored        (no key)
@@ -62,6 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from podi_definitions import ota_from_fppos
+from podi_overscan import OVERSCAN_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +77,8 @@ DIRECTORY_OUTPUT_NAME = "collectcells.fits"
 DEFAULT_TIMEOUT = 900.0
 
 #: Flags of steps that later issues build (DECISIONS 16): parsed, then refused.
-NOT_AVAILABLE_FLAGS = ("pupilghost", "fringe", "fringevectors", "persistency", "nonsidereal")
+NOT_AVAILABLE_FLAGS = ("fixwcs", "photcalib", "fitradialZP", "pupilghost", "fringe",
+                       "fringevectors", "persistency", "nonsidereal")
 
 #: Flags of the original that no longer do anything -> hint for the warning.
 DEFUNCT_FLAGS = {
@@ -184,6 +188,12 @@ def _offset_pair(flag, value):
     return tuple(numbers)
 
 
+def _overscan_method(flag, value):
+    if value not in OVERSCAN_METHODS:
+        raise OptionError(f"-{flag}={value}: use one of {', '.join(OVERSCAN_METHODS)}")
+    return value
+
+
 def _word_list(flag, value):
     words = [word.strip() for word in _text(flag, value).split(",")]
     if not all(words):
@@ -275,7 +285,7 @@ FLAGS = (
          "crosstalk.history; bare: <cals>/crosstalk/; none: off; default: built-in "
          "coefficient", _auto_or_text, bare="auto", metavar="[=FILE|DIR|none]"),
     _switch("gain", "output in electrons (each cell times its gain) instead of ADU"),
-    _switch("fixwcs", "astrometric calibration against a reference catalog"),
+    _switch("fixwcs", "astrometric calibration against a reference catalog (not available yet)"),
     _switch("simplewcs", "write a plain TAN WCS without distortion terms"),
     Flag("wcsoffset", "wcsoffset", (0.0, 0.0), "pointing offset in degrees, added to CRVAL",
          _offset_pair, metavar="=dRA,dDec"),
@@ -288,8 +298,9 @@ FLAGS = (
     _switch("centralonly", "reduce only the central 3x3 OTAs"),
     _switch("noclobber", "skip the exposure if the output file exists"),
     _switch("bgmode", "background mode: less output"),
-    _switch("photcalib", "photometric zero point against a catalog (needs -fixwcs)"),
-    _switch("fitradialZP", "fit a radial gradient of the zero point"),
+    _switch("photcalib", "photometric zero point against a catalog, needs -fixwcs (not "
+            "available yet)"),
+    _switch("fitradialZP", "fit a radial gradient of the zero point (not available yet)"),
     Flag("plotformat", "plotformat", ["png"], "file formats of the QA plots", _word_list,
          metavar="=png,pdf"),
     _switch("nootalevelplots", "no per-OTA QA plots", key="otalevelplots", value=False),
@@ -299,6 +310,8 @@ FLAGS = (
     _switch("noqaplots", "no QA plots at all", key="create_qaplots", value=False),
     Flag("addfitskey", "addfitskey", {}, "add KEY = 'value' to the primary header; "
          "repeatable; the value may hold commas", _fits_key, repeat=True, metavar="=KEY,value"),
+    Flag("overscan", "overscan", "clippedmean", "statistic of each cell's overscan block: "
+         "clippedmean (default) or median", _overscan_method, metavar="=METHOD"),
     Flag("ncpus", "ncpus", os.cpu_count() or 1, "number of worker processes (default: all "
          "CPUs)", _positive_int, metavar="=N"),
     Flag("timeout", "timeout", None, f"stop after SEC seconds (bare: {DEFAULT_TIMEOUT:.0f})",

@@ -30,7 +30,7 @@ def test_defaults():
         "centralonly": False, "noclobber": False, "bgmode": False, "photcalib": False,
         "fitradialZP": False, "plotformat": ["png"], "otalevelplots": True,
         "qasubdirs": False, "qasubdirname": "QA", "create_qaplots": True, "addfitskey": {},
-        "ncpus": os.cpu_count(), "timeout": None, "verbose": False, "profile": False,
+        "overscan": "clippedmean", "ncpus": os.cpu_count(), "timeout": None, "verbose": False, "profile": False,
         "update_persistency_only": False, "pupilghost": None, "fringe": None,
         "fringevectors": None, "persistency": None, "nonsidereal": None,
     }
@@ -63,7 +63,6 @@ def test_mutable_defaults_are_not_shared():
     ("-crosstalk=None", "crosstalk", "none"),
     ("-crosstalk=/x/xtalk.fits", "crosstalk", "/x/xtalk.fits"),
     ("-gain", "gain", True),
-    ("-fixwcs", "fixwcs", True),
     ("-simplewcs", "simplewcs", True),
     ("-wcsoffset=0.01,-0.002", "wcsoffset", (0.01, -0.002)),
     ("-prep4sex", "prep4sex", True),
@@ -74,8 +73,7 @@ def test_mutable_defaults_are_not_shared():
     ("-centralonly", "centralonly", True),
     ("-noclobber", "noclobber", True),
     ("-bgmode", "bgmode", True),
-    ("-photcalib", "photcalib", True),
-    ("-fitradialZP", "fitradialZP", True),
+    ("-overscan=median", "overscan", "median"),
     ("-plotformat=png,pdf", "plotformat", ["png", "pdf"]),
     ("-nootalevelplots", "otalevelplots", False),
     ("-qasubdirs", "qasubdirs", True),
@@ -119,10 +117,10 @@ def test_later_flags_keep_one_another():
 
 def test_flags_anywhere():
     options = parse_commandline(["-gain", "raw/o20131212T012345.1", "-verbose",
-                                 "out/%OBSID.fits", "-fixwcs"])
+                                 "out/%OBSID.fits", "-simplewcs"])
     assert options["input"] == "raw/o20131212T012345.1"
     assert options["output"] == "out/%OBSID.fits"
-    assert options["gain"] and options["verbose"] and options["fixwcs"]
+    assert options["gain"] and options["verbose"] and options["simplewcs"]
 
 
 def test_value_keeps_everything_after_the_first_equals():
@@ -198,6 +196,11 @@ def test_repeated_flag_warns_and_the_last_counts(caplog):
 def test_later_issue_flags_are_not_available(flag, value):
     with pytest.raises(NotAvailableError, match=f"^-{flag} is not available yet$"):
         parse(f"-{flag}{value}")
+
+
+def test_overscan_method_is_checked():
+    with pytest.raises(OptionError, match="clippedmean, median"):
+        parse("-overscan=mean")
 
 
 def test_several_unavailable_flags_are_named_together():
