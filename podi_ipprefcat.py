@@ -184,8 +184,8 @@ def _read_table(path):
         else:
             with fits.open(path) as hdul:
                 # The first table extension, whatever follows (kd-tree files carry more).
-                hdu = next((h for h in hdul[1:] if isinstance(h, (fits.BinTableHDU, fits.TableHDU))),
-                           None)
+                tables = (h for h in hdul[1:] if isinstance(h, (fits.BinTableHDU, fits.TableHDU)))
+                hdu = next(tables, None)
                 if hdu is None:
                     raise RefcatError(f"{path}: no table extension")
                 table = Table.read(hdu)
@@ -233,11 +233,17 @@ def _at_epoch(table, epoch):
     source_epoch = _source_epoch(table)
     if epoch is None or source_epoch is None or not {"pmra", "pmdec"} <= set(table.colnames):
         return table
+    pmra, pmdec = _filled(table["pmra"]), _filled(table["pmdec"])
+    years = epoch - source_epoch
+    # Rows without motion, epoch or time to move keep their stored positions exactly
+    # (no round-off from the vector arithmetic).
+    moving = (np.isfinite(years) & (years != 0) & np.isfinite(pmra) & np.isfinite(pmdec)
+              & ((pmra != 0) | (pmdec != 0)))
+    ra, dec = _filled(table["ra"]), _filled(table["dec"])
+    ra[moving], dec[moving] = propagate(ra[moving], dec[moving], pmra[moving], pmdec[moving],
+                                        years[moving])
     out = table.copy()
-    # Rows with an unknown epoch or motion stay where they are.
-    years = np.nan_to_num(epoch - source_epoch)
-    out["ra"], out["dec"] = propagate(_filled(table["ra"]), _filled(table["dec"]),
-                                      _filled(table["pmra"]), _filled(table["pmdec"]), years)
+    out["ra"], out["dec"] = ra, dec
     out.meta["EPOCH"] = epoch
     return out
 
@@ -331,14 +337,20 @@ class TiledCatalog:
                      len(rows), len(self.index))
         parts = [_cone(self._tile(str(row["filename"]).strip()), ra, dec, radius_deg, epoch)
                  for row in rows]
-        parts = [p for p in parts if len(p)] or parts[:1]
-        if not parts:
-            return Table(names=("ra", "dec"), dtype=(float, float))
-        return vstack(parts, metadata_conflicts="silent") if len(parts) > 1 else parts[0]
+        found = [part for part in parts if len(part)]
+        if len(found) > 1:
+            return vstack(found, metadata_conflicts="silent")
+        if found:
+            return found[0]
+        # Empty, but with the catalog's columns when any tile was looked at.
+        return parts[0] if parts else Table(names=("ra", "dec"), dtype=(float, float))
 
 
 def gaia_cache_dir():
-    """Directory of cached Gaia queries: ``$PODI_CACHE/gaia`` or ``~/.cache/podi_quickreduce/gaia``."""
+    """Directory of cached Gaia queries.
+
+    ``$PODI_CACHE/gaia`` when ``PODI_CACHE`` is set, else ``~/.cache/podi_quickreduce/gaia``.
+    """
     root = os.environ.get(ENV_CACHE)
     base = Path(root) if root else Path.home() / ".cache" / "podi_quickreduce"
     return base / "gaia"
@@ -359,6 +371,7 @@ class GaiaCatalog:
         step = _GAIA_KEY_STEP
         ra_key = round((ra % 360.0) / step) * step % 360.0
         dec_key = round(dec / step) * step
+        # The tolerance keeps 0.2 / 0.01 = 20.000000000000004 from rounding up to 21.
         radius_key = math.ceil(radius_deg / step - 1e-9) * step
         return ra_key, dec_key, radius_key
 
@@ -381,7 +394,7 @@ class GaiaCatalog:
             table = gaia.Gaia.launch_job_async(adql).get_results()
         except Exception as exc:  # network and service errors come in many types
             raise RefcatError(f"Gaia DR3 query failed (network?): {_first_line(exc)}") from exc
-        return Table(table, masked=False, copy=False) if not len(table) else table
+        return table
 
     def query(self, ra, dec, radius_deg, epoch=None):
         """Gaia stars within ``radius_deg`` (degrees) of (ra, dec) at ``epoch``.
@@ -394,7 +407,8 @@ class GaiaCatalog:
             table = _read_table(path)
         else:
             ra_key, dec_key, radius_key = self._key(ra, dec, radius_deg)
-            table = _normalise(self._fetch(ra_key, dec_key, radius_key + _GAIA_KEY_STEP), "Gaia DR3")
+            fetched = self._fetch(ra_key, dec_key, radius_key + _GAIA_KEY_STEP)
+            table = _normalise(fetched, "Gaia DR3")
             path.parent.mkdir(parents=True, exist_ok=True)
             # Written under a temporary name first so a crash never leaves a truncated cache.
             partial = path.with_name(path.name + ".part")
@@ -425,7 +439,8 @@ def open_refcat(spec=None):
     if spec is None or str(spec).strip() == "":
         spec = os.environ.get(ENV_REFCAT, "").strip()
         if not spec:
-            raise RefcatError("no reference catalog configured: use -refcat=PATH or set PODI_REFCAT")
+            raise RefcatError("no reference catalog configured: "
+                              "use -refcat=PATH or set PODI_REFCAT")
     if str(spec).lower() == "gaia":
         return GaiaCatalog()
     path = Path(spec).expanduser()
@@ -474,8 +489,9 @@ def write_tiled_catalog(table, directory, tile_deg=10.0, ra_start=0.0):
         filename = f"tile_d{j:03d}_r{i:03d}.fits"
         table[cell == number].write(directory / filename, overwrite=True)
         ra_min = (ra_start + i * width) % 360.0
-        ra_max = (ra_start + (i + 1) * width) % 360.0
-        # A tile ending exactly at 360 is stored as 360, not 0 (which would read as wrapping).
+        # The last tile ends exactly where the first begins (no rounding slivers);
+        # an end at 0 is stored as 360, since ra_max < ra_min would mean wrapping.
+        ra_max = (ra_start + (i + 1) * width if i < n_ra - 1 else ra_start) % 360.0
         ra_max = 360.0 if ra_max == 0.0 else ra_max
         index.add_row((filename, ra_min, ra_max, -90.0 + j * height, -90.0 + (j + 1) * height))
     path = directory / INDEX_NAME
