@@ -57,7 +57,7 @@ def test_broken_ota_file_fails_only_that_ota(exposure_copy, true_cals, tmp_path,
     with fits.open(output) as hdus:
         primary = hdus[0].header
         assert primary["NOTAS"] == 2 and primary["NFAILED"] == 1 and primary["FAILOTAS"] == "34"
-        assert path.name in "".join(primary["HISTORY"])
+        assert path.name in "".join(primary["HISTORY"]).replace(" ", "")
         assert "OTA34.SCI" not in hdus
 
 
@@ -88,7 +88,9 @@ def test_calibration_missing_one_ota_fails_that_ota(object_exposure, true_cals, 
     assert run_collectcells(object_exposure, output, f"-cals={cals}") == 0
     with fits.open(output) as hdus:
         assert hdus[0].header["FAILOTAS"] == "22"
-        assert "no extension for OTA 22" in "".join(hdus[0].header["HISTORY"])
+        # HISTORY wraps long lines at spaces, which it drops: compare without them.
+        history = "".join(hdus[0].header["HISTORY"]).replace(" ", "")
+        assert "noextensionforOTA22" in history
 
 
 def test_unwritable_output(object_exposure, true_cals, tmp_path, capsys):
