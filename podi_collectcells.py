@@ -197,8 +197,13 @@ def finish_buffer(products, image):
     if sys.byteorder == "little":
         image.byteswap(inplace=True)
     image.flush()
-    hdu = fits.ImageHDU(data=image.view(image.dtype.newbyteorder(">")) if sys.byteorder == "little"
-                        else image, header=products["header"])
+    set_header_text(products, image.view(image.dtype.newbyteorder(">"))
+                    if sys.byteorder == "little" else image)
+
+
+def set_header_text(products, data):
+    """The extension header with its checksums over ``data`` (big-endian) as FITS text."""
+    hdu = fits.ImageHDU(data=data, header=products["header"])
     hdu.add_checksum()
     products["header"] = hdu.header
     products["header_text"] = hdu.header.tostring()
@@ -479,15 +484,25 @@ class OrderedSink:
     """Appends finished OTAs to the output file in the inside-out order, as they come.
 
     Writing overlaps with the reduction of the other OTAs; each shared buffer is
-    freed once its OTA is in the file.
+    freed once its OTA is in the file. With ``hold`` (steps that change the OTA
+    headers after all OTAs are reduced, like ``-fixwcs``) nothing is written
+    before :meth:`release`.
     """
 
-    def __init__(self, stream, order, buffers):
-        self.stream, self.buffers = stream, buffers
+    def __init__(self, stream, order, buffers, hold=False):
+        self.stream, self.buffers, self.hold = stream, buffers, hold
         self.pending, self.ready = list(order), {}
 
     def __call__(self, ota, products):
         self.ready[ota] = products
+        if not self.hold:
+            self._write_ready()
+
+    def release(self):
+        self.hold = False
+        self._write_ready()
+
+    def _write_ready(self):
         while self.pending and self.pending[0] in self.ready:
             ota = self.pending.pop(0)
             result = self.ready.pop(ota)

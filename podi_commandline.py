@@ -21,6 +21,7 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -crosstalk[=FILE|DIR|none] crosstalk matrix; bare: <cals>/crosstalk/        None (built-in coefficient)
     -gain                      output in electrons instead of ADU               False
     -fixwcs                    astrometric calibration (not available yet)      False
+    -refcat=PATH|gaia          reference catalog (table, tiled folder, gaia)    None ($PODI_REFCAT)
     -simplewcs                 plain TAN WCS, no distortion terms               False
     -wcsoffset=dRA,dDec        pointing offset (degrees), added to CRVAL        (0.0, 0.0)
     -prep4sex                  undefined pixels -1e31, headers self-contained   False
@@ -286,6 +287,9 @@ FLAGS = (
          "coefficient", _auto_or_text, bare="auto", metavar="[=FILE|DIR|none]"),
     _switch("gain", "output in electrons (each cell times its gain) instead of ADU"),
     _switch("fixwcs", "astrometric calibration against a reference catalog (not available yet)"),
+    Flag("refcat", "refcat", None, "reference catalog for -fixwcs and -photcalib: a FITS or CSV "
+         "table, a tiled folder with SkyTable.fits, or gaia (default: $PODI_REFCAT)", _text,
+         metavar="=PATH|gaia"),
     _switch("simplewcs", "write a plain TAN WCS without distortion terms"),
     Flag("wcsoffset", "wcsoffset", (0.0, 0.0), "pointing offset in degrees, added to CRVAL",
          _offset_pair, metavar="=dRA,dDec"),
