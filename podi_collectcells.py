@@ -38,8 +38,12 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
+from astropy.table import Table, vstack
+from astropy.wcs import WCS
 
+import podi_findstars
+import podi_fixwcs
+import podi_ipprefcat
 import podi_wcs
 from podi_calibfiles import CalibrationNotFound, resolve_calibrations
 from podi_commandline import HelpRequested, OptionError, expand_output_name, parse_commandline, usage
@@ -162,13 +166,18 @@ def collect_reduce_ota(filename, options, out=None):
     header["SKY_STD"] = (_finite(std), "std of the box sky levels (BUNIT)")
     header["SKYNOISE"] = (_finite(noise), "pixel noise: median over boxes of 1.4826 MAD")
     header["SKYNBOX"] = (len(samples), "sky boxes used")
+    sources = None
+    if options.get("fixwcs"):
+        sources = podi_findstars.find_sources(frame.image, frame.ota, gain=header["GAIN"],
+                                              read_noise=header["RDNOISE"],
+                                              saturation=header["SATURATE"], binning=frame.binning)
     undefined = options.get("indefval", math.nan)
     if not math.isnan(undefined):
         frame.image[~np.isfinite(frame.image)] = np.float32(undefined)
     inherited = {} if options.get("prep4sex") else move_inherited_keywords(header)
     return {"ota": frame.ota, "header": header, "inherited": inherited, "image": frame.image,
             "sky_samples": samples, "sky": (median, mean, std), "files_used": frame.files_used,
-            "steps": frame.steps}
+            "steps": frame.steps, "sources": sources}
 
 
 def move_inherited_keywords(header):
@@ -512,6 +521,70 @@ class OrderedSink:
             self.buffers.paths[ota].unlink(missing_ok=True)
 
 
+# --- Astrometry ---------------------------------------------------------------------------
+
+#: Source flags that keep a detection out of the WCS fit.
+_WCS_BAD_FLAGS = (podi_findstars.FLAG_SATURATED | podi_findstars.FLAG_NEAR_UNDEFINED
+                  | podi_findstars.FLAG_TRUNCATED)
+
+#: Radius (degrees) of the reference-catalog query around the pointing: the focal
+#: plane's extent plus the largest pointing error searched for.
+_REFCAT_RADIUS = 1.0
+
+
+def astrometric_calibration(products, first_header, options, refcat, buffers):
+    """``-fixwcs``: fit every OTA's WCS to the reference catalog (:mod:`podi_fixwcs`).
+
+    Updates the OTA headers of ``products`` (and their header text) in place.
+
+    Returns
+    -------
+    (dict, list)
+        Primary keywords, and the tables ``CAT.WCSREF``, ``WCSCAL.CAT``, ``CAT.ODI``.
+    """
+    ra, dec = podi_wcs.parse_pointing(first_header)
+    mjd = float(first_header.get("MJD-OBS", 51544.5))
+    reference = refcat.query(ra, dec, _REFCAT_RADIUS, epoch=2000.0 + (mjd - 51544.5) / 365.25)
+    sources, headers = {}, {}
+    for ota, result in products.items():
+        table = result["sources"]
+        good = table[(table["FLAGS"] & _WCS_BAD_FLAGS) == 0]
+        sources[ota] = (np.asarray(good["XWIN"]) - 1, np.asarray(good["YWIN"]) - 1)
+        headers[ota] = result["header"]
+    size = buffers.size
+    solution = podi_fixwcs.solve_wcs(sources, headers, reference, ota_size=size)
+    if not solution.success:
+        logger.warning("-fixwcs: %s; the canned WCS is kept (WCSCAL = F)", solution.message)
+    for ota, header in solution.headers.items():
+        result = products[ota]
+        for key in ("CRVAL1", "CRVAL2", "CD1_1", "CD1_2", "CD2_1", "CD2_2"):
+            result["header"][key] = header[key]
+        for key, card in solution.ota_keywords.get(ota, {}).items():
+            result["header"][key] = card
+        set_header_text(result, np.memmap(buffers.paths[ota], dtype=">f4", mode="r",
+                                          shape=(size, size)))
+    keywords = dict(solution.keywords)
+    keywords["ASTRMCAT"] = (Path(str(options.get("refcat") or os.environ.get("PODI_REFCAT", "")))
+                            .name[:68] or "unknown", "astrometric reference catalog")
+    tables = [fits.BinTableHDU(solution.reference, name="CAT.WCSREF"),
+              fits.BinTableHDU(solution.matches, name="WCSCAL.CAT"),
+              fits.BinTableHDU(source_catalog(products), name="CAT.ODI")]
+    return keywords, tables
+
+
+def source_catalog(products):
+    """``CAT.ODI``: every detected source with RA/Dec through its OTA's final WCS."""
+    tables = []
+    for ota, result in products.items():
+        table = result["sources"]
+        ra, dec = WCS(result["header"]).all_pix2world(table["XWIN"], table["YWIN"], 1)
+        table = Table(table, meta={})
+        table.add_column(ra, name="RA", index=0)
+        table.add_column(dec, name="DEC", index=1)
+        tables.append(table)
+    return vstack(tables) if tables else Table()
+
+
 # --- The whole frame ----------------------------------------------------------------------
 
 def exposure_header(exposure):
@@ -561,6 +634,8 @@ def collectcells(options, argv=()):
     for step in ("bias", "dark", "flat"):
         if options["calibrations"].get(step):
             check_calibration_binning(options["calibrations"][step], size)
+    # A missing or unreadable catalog stops the frame before any work (DECISIONS 14).
+    refcat = podi_ipprefcat.open_refcat(options.get("refcat")) if options.get("fixwcs") else None
     if not options.get("bgmode"):
         logger.info("%s %s: reducing %s (%d OTAs, binning %d)", PIPELINE_NAME, PIPELINE_VERSION,
                     exposure.base, len(otas), binning)
@@ -569,7 +644,7 @@ def collectcells(options, argv=()):
     stream = StreamedMEF(output)
     try:
         jobs = {ota: exposure.ota_files[ota] for ota in otas}
-        sink = OrderedSink(stream, otas, buffers)
+        sink = OrderedSink(stream, otas, buffers, hold=bool(options.get("fixwcs")))
         deadline = start + options["timeout"] if options.get("timeout") else None
         if options.get("profile"):
             profiler = cProfile.Profile()
@@ -583,8 +658,15 @@ def collectcells(options, argv=()):
             raise ReductionError(f"{exposure.base}: every OTA failed; no output written")
         if deadline is not None and time.monotonic() > deadline:
             raise ReductionError(f"timed out after {options['timeout']:g} s; no output written")
-        stream.add_table(association_table(products))
+        keywords, tables = {}, []
+        if options.get("fixwcs"):
+            keywords, tables = astrometric_calibration(products, first_header, options, refcat, buffers)
+        sink.release()
+        for table in tables + [association_table(products)]:
+            stream.add_table(table)
         primary = primary_header(first_header, products, failures, options, argv)
+        for key, card in keywords.items():
+            primary[key] = card
         stream.finish(primary)
     except BaseException:
         stream.abort()
@@ -614,7 +696,7 @@ def main(argv=None):
     try:
         collectcells(options, ["podi_collectcells"] + argv)
     except (ReductionError, RawDataError, CalibrationNotFound, CalibrationError, OptionError,
-            OSError) as error:
+            podi_ipprefcat.RefcatError, OSError) as error:
         print(f"podi_collectcells: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     return 0

@@ -20,7 +20,7 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -wcs[=FILE|DIR|none]       canned WCS; bare: package's model; none: TAN     None (package's model)
     -crosstalk[=FILE|DIR|none] crosstalk matrix; bare: <cals>/crosstalk/        None (built-in coefficient)
     -gain                      output in electrons instead of ADU               False
-    -fixwcs                    astrometric calibration (not available yet)      False
+    -fixwcs                    astrometric calibration against -refcat          False
     -refcat=PATH|gaia          reference catalog (table, tiled folder, gaia)    None ($PODI_REFCAT)
     -simplewcs                 plain TAN WCS, no distortion terms               False
     -wcsoffset=dRA,dDec        pointing offset (degrees), added to CRVAL        (0.0, 0.0)
@@ -46,7 +46,7 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -profile                   one process, under cProfile                      False
     -update_persistency_only   accepted for compatibility, no effect            False
     -pupilghost, -fringe, -fringevectors, -persistency, -nonsidereal, and for now
-    -fixwcs, -photcalib, -fitradialZP
+    -photcalib, -fitradialZP
                                not available yet: stop with an error            None
     -pointing, -dither, -target
                                defunct: accepted with a warning, ignored        (no key)
@@ -78,7 +78,7 @@ DIRECTORY_OUTPUT_NAME = "collectcells.fits"
 DEFAULT_TIMEOUT = 900.0
 
 #: Flags of steps that later issues build (DECISIONS 16): parsed, then refused.
-NOT_AVAILABLE_FLAGS = ("fixwcs", "photcalib", "fitradialZP", "pupilghost", "fringe",
+NOT_AVAILABLE_FLAGS = ("photcalib", "fitradialZP", "pupilghost", "fringe",
                        "fringevectors", "persistency", "nonsidereal")
 
 #: Flags of the original that no longer do anything -> hint for the warning.
@@ -286,7 +286,7 @@ FLAGS = (
          "crosstalk.history; bare: <cals>/crosstalk/; none: off; default: built-in "
          "coefficient", _auto_or_text, bare="auto", metavar="[=FILE|DIR|none]"),
     _switch("gain", "output in electrons (each cell times its gain) instead of ADU"),
-    _switch("fixwcs", "astrometric calibration against a reference catalog (not available yet)"),
+    _switch("fixwcs", "astrometric calibration against a reference catalog (-refcat)"),
     Flag("refcat", "refcat", None, "reference catalog for -fixwcs and -photcalib: a FITS or CSV "
          "table, a tiled folder with SkyTable.fits, or gaia (default: $PODI_REFCAT)", _text,
          metavar="=PATH|gaia"),

@@ -74,6 +74,7 @@ def test_mutable_defaults_are_not_shared():
     ("-noclobber", "noclobber", True),
     ("-bgmode", "bgmode", True),
     ("-overscan=median", "overscan", "median"),
+    ("-fixwcs", "fixwcs", True),
     ("-refcat=gaia", "refcat", "gaia"),
     ("-plotformat=png,pdf", "plotformat", ["png", "pdf"]),
     ("-nootalevelplots", "otalevelplots", False),
