@@ -564,12 +564,41 @@ def astrometric_calibration(products, first_header, options, refcat, buffers):
         set_header_text(result, np.memmap(buffers.paths[ota], dtype=">f4", mode="r",
                                           shape=(size, size)))
     keywords = dict(solution.keywords)
+    keywords.update(seeing_keywords(products, size))
     keywords["ASTRMCAT"] = (Path(str(options.get("refcat") or os.environ.get("PODI_REFCAT", "")))
                             .name[:68] or "unknown", "astrometric reference catalog")
     tables = [fits.BinTableHDU(solution.reference, name="CAT.WCSREF"),
               fits.BinTableHDU(solution.matches, name="WCSCAL.CAT"),
               fits.BinTableHDU(source_catalog(products), name="CAT.ODI")]
     return keywords, tables
+
+
+def seeing_keywords(products, size):
+    """Seeing from the detected stars: FWHM in arcsec through each OTA's local pixel scale.
+
+    ``SEEING`` is the 3-sigma-clipped median of the unflagged sources (cosmic rays
+    and hot pixels are already rejected by :mod:`podi_findstars`).
+    """
+    every, clean = [], []
+    for result in products.values():
+        table = result["sources"]
+        scale = podi_wcs.local_pixel_scale(WCS(result["header"]), size / 2, size / 2)
+        fwhm = np.asarray(table["FWHM_IMAGE"], float) * scale
+        every.append(fwhm)
+        clean.append(fwhm[np.asarray(table["FLAGS"]) == 0])
+    every, clean = np.concatenate(every), np.concatenate(clean)
+    clean = clean[np.isfinite(clean)]
+    if not clean.size:
+        return {"SEEING": (-1.0, "no unflagged source")}
+    kept = clean
+    for _ in range(3):
+        median, sigma = np.median(kept), 1.4826 * np.median(np.abs(kept - np.median(kept)))
+        kept = clean[np.abs(clean - median) <= 3 * sigma] if sigma > 0 else kept
+    return {"SEEING": (round(float(np.median(kept)), 4), "FWHM of stars, clipped median (arcsec)"),
+            "SEEING_N": (int(kept.size), "stars in SEEING"),
+            "FWHM_ALL": (round(float(np.nanmedian(every)), 4), "median FWHM of all sources (arcsec)"),
+            "FWHM_FLT": (round(float(np.median(clean)), 4), "median FWHM, unflagged sources (arcsec)"),
+            "FWHMNFLT": (int(clean.size), "unflagged sources")}
 
 
 def source_catalog(products):

@@ -345,15 +345,6 @@ def render_stars(image, x, y, flux, fwhm_px, beta):
         image[y0:y1, x0:x1] += (f * norm * stamp).astype(np.float32)
 
 
-def local_pixel_scale(wcs, x, y):
-    """Pixel scale (arcsec/pixel, square root of the pixel area) at pixel (x, y)."""
-    ra, dec = wcs.all_pix2world([x, x + 1, x], [y, y, y + 1], 0)
-    cos_d = math.cos(math.radians(dec[0]))
-    dx = np.array([(ra[1] - ra[0]) * cos_d, dec[1] - dec[0]])
-    dy = np.array([(ra[2] - ra[0]) * cos_d, dec[2] - dec[0]])
-    return math.sqrt(abs(dx[0] * dy[1] - dx[1] * dy[0])) * 3600
-
-
 def _sky_signal(spec, instrument, ota, wcs, stars):
     """Electrons from the sky and the stars (before the flat), and star truth."""
     size = cell_geometry(spec.binning).ota_size
@@ -372,7 +363,7 @@ def _sky_signal(spec, instrument, ota, wcs, stars):
         margin = 60
         on = (x > -margin) & (x < size + margin) & (y > -margin) & (y < size + margin)
         flux = 10 ** (-0.4 * (stars[FILTER_BAND[spec.filter]][on] - ZP_E[spec.filter])) * spec.exptime
-        fwhm_px = spec.fwhm / local_pixel_scale(wcs, size / 2, size / 2)
+        fwhm_px = spec.fwhm / podi_wcs.local_pixel_scale(wcs, size / 2, size / 2)
         render_stars(image, x[on], y[on], flux, fwhm_px, spec.moffat_beta)
         truth = Table({"index": np.flatnonzero(on), "x": x[on], "y": y[on], "flux": flux})
     return image, truth

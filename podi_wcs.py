@@ -348,6 +348,16 @@ def write_model_files(outdir):
         logger.info("wrote %s", folder / filename)
 
 
+def local_pixel_scale(wcs, x, y):
+    """Pixel scale (arcsec/pixel, square root of the pixel area) at pixel (x, y)."""
+    ra, dec = wcs.all_pix2world([x, x + 1, x], [y, y, y + 1], 0)
+    cos_d = math.cos(math.radians(dec[0]))
+    # RA differences wrapped into (-180, 180]: a pixel may straddle RA 0.
+    dx = (_wrap_180(ra[1] - ra[0]) * cos_d, dec[1] - dec[0])
+    dy = (_wrap_180(ra[2] - ra[0]) * cos_d, dec[2] - dec[0])
+    return math.sqrt(abs(dx[0] * dy[1] - dx[1] * dy[0])) * 3600
+
+
 def main(argv=None):
     """``python -m podi_wcs [OUTDIR]``: regenerate the shipped model files."""
     args = sys.argv[1:] if argv is None else argv

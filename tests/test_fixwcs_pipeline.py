@@ -64,6 +64,8 @@ def test_fixwcs_recovers_the_true_wcs(wcs_fields, field, tmp_path):
         assert np.sqrt(np.mean(offsets**2)) < 0.05
         assert primary["WCS_RMS"] < 0.05 and primary["WCS_NSRC"] > 30
         assert primary["ASTRMCAT"] == _refcat(exposure).name
+        assert primary["SEEING"] == pytest.approx(1.0, rel=0.05)   # the simulator's FWHM
+        assert primary["SEEING_N"] > 100
         assert all(hdu.verify_checksum() == 1 for hdu in hdus)
         catalog = Table(hdus["CAT.ODI"].data)
         assert {"RA", "DEC", "XWIN", "YWIN", "FWHM_IMAGE", "FLAGS", "OTA"} <= set(catalog.colnames)
