@@ -150,9 +150,11 @@ def collect_reduce_ota(filename, options, out=None):
     Returns
     -------
     dict
-        ``data_products``: ``ota``, ``header`` (the extension header), ``image``
-        (``out`` if given), ``sky_samples``, ``sky`` (median, mean, std),
-        ``files_used`` (step -> path) and ``steps`` (step -> status).
+        ``data_products``: ``ota``, ``header`` (the extension header), ``inherited``
+        (exposure keywords moved out of it, for the primary), ``image`` (``out`` if
+        given), ``sky_samples``, ``sky`` (median, mean, std), ``files_used`` (step ->
+        path), ``steps`` (step -> status) and ``sources`` (the detections of
+        :mod:`podi_findstars` with ``-fixwcs``, else None).
     """
     frame = reduce_ota(filename, reduction_settings(options), out=out)
     header = frame.header
