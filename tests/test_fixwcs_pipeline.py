@@ -1,6 +1,7 @@
 """-fixwcs through the whole program on simulated pixels, against the true WCS."""
 
-import dataclasses
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -94,3 +95,41 @@ def test_fixwcs_without_a_catalog_stops(wcs_fields, tmp_path, monkeypatch, capsy
     assert run_collectcells(exposures[0], output, f"-cals={cals}", "-fixwcs") == 1
     assert "no reference catalog configured" in capsys.readouterr().err
     assert not output.exists()
+
+
+SOURCE_EXTRACTOR = shutil.which("source-extractor") or shutil.which("sex")
+
+
+@pytest.mark.skipif(SOURCE_EXTRACTOR is None, reason="source-extractor is not installed")
+def test_source_extractor_reads_our_wcs(wcs_fields, tmp_path):
+    """SExtractor, run on a -prep4sex output, puts the stars at their true RA/Dec."""
+    exposures, cals = wcs_fields
+    exposure = exposures[0]
+    output = tmp_path / "sex.fits"
+    assert run_collectcells(exposure, output, f"-cals={cals}", "-fixwcs", "-prep4sex",
+                            f"-refcat={_refcat(exposure)}") == 0
+    params = tmp_path / "sex.param"
+    params.write_text("XWIN_IMAGE\nYWIN_IMAGE\nALPHAWIN_J2000\nDELTAWIN_J2000\nFLAGS\nSNR_WIN\n")
+    config = tmp_path / "empty.sex"
+    config.write_text("")
+    catalog = tmp_path / "sex.cat.fits"
+    with fits.open(output) as hdus:
+        index = hdus.index_of("OTA33.SCI")
+    subprocess.run([SOURCE_EXTRACTOR, f"{output}[{index}]", "-c", str(config),
+                    "-PARAMETERS_NAME", str(params), "-CATALOG_NAME", str(catalog),
+                    "-CATALOG_TYPE", "FITS_1.0", "-FILTER", "N", "-DETECT_THRESH", "10",
+                    "-VERBOSE_TYPE", "QUIET"], check=True, cwd=tmp_path, timeout=120)
+    found = Table.read(catalog, hdu=1)
+    found = found[(found["FLAGS"] == 0) & (found["SNR_WIN"] > 30)]
+    stars = Table(fits.getdata(exposure.parent / f"{exposure.name}.truth.fits", "STARS"))
+    stars = stars[stars["ota"] == 33]
+    separations = []
+    for row in found:
+        distance = np.hypot(stars["x"] + 1 - row["XWIN_IMAGE"], stars["y"] + 1 - row["YWIN_IMAGE"])
+        nearest = np.argmin(distance)
+        if distance[nearest] < 0.5:
+            true = stars[nearest]
+            d_ra = (row["ALPHAWIN_J2000"] - true["ra"]) * np.cos(np.radians(true["dec"]))
+            separations.append(np.hypot(d_ra, row["DELTAWIN_J2000"] - true["dec"]) * 3600)
+    assert len(separations) > 20
+    assert np.max(separations) < 0.1
