@@ -20,8 +20,10 @@ def _clipped_box_stats(boxes, nsigma=3.0):
     deviations (1.4826 x MAD) of the box median: star pixels are clipped, and the
     mean of the rest is less noisy than their median.
     """
-    median = np.median(boxes, axis=1, keepdims=True)
-    sigma = 1.4826 * np.median(np.abs(boxes - median), axis=1, keepdims=True)
+    # The clip's centre and width from every 4th pixel; the mean uses all of them.
+    sample = boxes[:, ::4]
+    median = np.median(sample, axis=1, keepdims=True)
+    sigma = 1.4826 * np.median(np.abs(sample - median), axis=1, keepdims=True)
     keep = np.abs(boxes - median) <= nsigma * sigma
     level = np.sum(np.where(keep, boxes, 0.0), axis=1) / keep.sum(axis=1)
     return level, sigma[:, 0]
