@@ -49,7 +49,8 @@ from podi_calibfiles import CalibrationNotFound, resolve_calibrations
 from podi_commandline import HelpRequested, OptionError, expand_output_name, parse_commandline, usage
 from podi_definitions import (FULL_FIELD_FILTERS, PIPELINE_NAME, PIPELINE_VERSION, cell_geometry,
                               is_guide_ota, layout_for_mjd, normalised_filter_name)
-from podi_mef import CalibrationError, StreamedMEF, check_calibration_binning
+from podi_mef import (CalibrationError, StreamedMEF, check_calibration_binning,
+                      header_text_with_checksum)
 from podi_rawdata import RawDataError, find_exposure, open_raw_ota
 from podi_reduceota import ReductionSettings, reduce_ota
 from podi_sky import sky_samples, sky_statistics
@@ -209,12 +210,20 @@ def finish_buffer(products, image):
         image.byteswap(inplace=True)
     image.flush()
     set_header_text(products, image.view(image.dtype.newbyteorder(">"))
-                    if sys.byteorder == "little" else image)
+                    if sys.byteorder == "little" else image,
+                    spare_cards=WCS_SPARE_CARDS if products["sources"] is not None else 0)
 
 
-def set_header_text(products, data):
-    """The extension header with its checksums over ``data`` (big-endian) as FITS text."""
+def set_header_text(products, data, spare_cards=0):
+    """The extension header with its checksums over ``data`` (big-endian) as FITS text.
+
+    ``spare_cards`` blank cards leave room for keywords added after the OTA is in
+    the file (``-fixwcs``): new keywords take the place of blank cards, so the
+    header keeps its length and can be rewritten in place.
+    """
     hdu = fits.ImageHDU(data=data, header=products["header"])
+    for _ in range(spare_cards):
+        hdu.header.add_blank()
     hdu.add_checksum()
     products["header"] = hdu.header
     products["header_text"] = hdu.header.tostring()
@@ -495,31 +504,22 @@ class OrderedSink:
     """Appends finished OTAs to the output file in the inside-out order, as they come.
 
     Writing overlaps with the reduction of the other OTAs; each shared buffer is
-    freed once its OTA is in the file. With ``hold`` (steps that change the OTA
-    headers after all OTAs are reduced, like ``-fixwcs``) nothing is written
-    before :meth:`release`.
+    freed once its OTA is in the file. ``offsets`` keeps where each OTA's header
+    went, so that frame-wide steps (``-fixwcs``) can rewrite it in place.
     """
 
-    def __init__(self, stream, order, buffers, hold=False):
-        self.stream, self.buffers, self.hold = stream, buffers, hold
-        self.pending, self.ready = list(order), {}
+    def __init__(self, stream, order, buffers):
+        self.stream, self.buffers = stream, buffers
+        self.pending, self.ready, self.offsets = list(order), {}, {}
 
     def __call__(self, ota, products):
         self.ready[ota] = products
-        if not self.hold:
-            self._write_ready()
-
-    def release(self):
-        self.hold = False
-        self._write_ready()
-
-    def _write_ready(self):
         while self.pending and self.pending[0] in self.ready:
             ota = self.pending.pop(0)
             result = self.ready.pop(ota)
             if result is not None:
-                self.stream.add_image(result["header_text"], self.buffers.paths[ota],
-                                      self.buffers.size**2 * 4)
+                self.offsets[ota] = self.stream.add_image(
+                    result["header_text"], self.buffers.paths[ota], self.buffers.size**2 * 4)
             self.buffers.paths[ota].unlink(missing_ok=True)
 
 
@@ -529,12 +529,15 @@ class OrderedSink:
 _WCS_BAD_FLAGS = (podi_findstars.FLAG_SATURATED | podi_findstars.FLAG_NEAR_UNDEFINED
                   | podi_findstars.FLAG_TRUNCATED)
 
+#: Blank cards kept in each extension header for the keywords of the WCS solution.
+WCS_SPARE_CARDS = 72
+
 #: Radius (degrees) of the reference-catalog query around the pointing: the focal
 #: plane's extent plus the largest pointing error searched for.
 _REFCAT_RADIUS = 1.0
 
 
-def astrometric_calibration(products, first_header, options, refcat, buffers):
+def astrometric_calibration(products, first_header, options, refcat, size):
     """``-fixwcs``: fit every OTA's WCS to the reference catalog (:mod:`podi_fixwcs`).
 
     Updates the OTA headers of ``products`` (and their header text) in place.
@@ -553,7 +556,6 @@ def astrometric_calibration(products, first_header, options, refcat, buffers):
         good = table[(table["FLAGS"] & _WCS_BAD_FLAGS) == 0]
         sources[ota] = (np.asarray(good["XWIN"]) - 1, np.asarray(good["YWIN"]) - 1)
         headers[ota] = result["header"]
-    size = buffers.size
     solution = podi_fixwcs.solve_wcs(sources, headers, reference, ota_size=size)
     if not solution.success:
         logger.warning("-fixwcs: %s; the canned WCS is kept (WCSCAL = F)", solution.message)
@@ -563,8 +565,7 @@ def astrometric_calibration(products, first_header, options, refcat, buffers):
             result["header"][key] = header[key]
         for key, card in solution.ota_keywords.get(ota, {}).items():
             result["header"][key] = card
-        set_header_text(result, np.memmap(buffers.paths[ota], dtype=">f4", mode="r",
-                                          shape=(size, size)))
+        result["header_text"] = header_text_with_checksum(result["header"])
     keywords = dict(solution.keywords)
     keywords.update(seeing_keywords(products, size))
     keywords["ASTRMCAT"] = (Path(str(options.get("refcat") or os.environ.get("PODI_REFCAT", "")))
@@ -675,7 +676,7 @@ def collectcells(options, argv=()):
     stream = StreamedMEF(output)
     try:
         jobs = {ota: exposure.ota_files[ota] for ota in otas}
-        sink = OrderedSink(stream, otas, buffers, hold=bool(options.get("fixwcs")))
+        sink = OrderedSink(stream, otas, buffers)
         deadline = start + options["timeout"] if options.get("timeout") else None
         if options.get("profile"):
             profiler = cProfile.Profile()
@@ -691,8 +692,9 @@ def collectcells(options, argv=()):
             raise ReductionError(f"timed out after {options['timeout']:g} s; no output written")
         keywords, tables = {}, []
         if options.get("fixwcs"):
-            keywords, tables = astrometric_calibration(products, first_header, options, refcat, buffers)
-        sink.release()
+            keywords, tables = astrometric_calibration(products, first_header, options, refcat, size)
+            for ota, offset in sink.offsets.items():
+                stream.patch_header(offset, products[ota]["header_text"])
         for table in tables + [association_table(products)]:
             stream.add_table(table)
         primary = primary_header(first_header, products, failures, options, argv)

@@ -59,6 +59,51 @@ def hdu_bytes(hdu):
     return raw[start:]
 
 
+_CHECKSUM_EXCLUDE = frozenset(range(0x3a, 0x41)) | frozenset(range(0x5b, 0x61))
+
+
+def _ones_complement_sum(data, total=0):
+    """32-bit ones'-complement sum of big-endian words (the FITS checksum arithmetic)."""
+    total += int(np.frombuffer(data, dtype=">u4").astype(np.uint64).sum())
+    while total >> 32:
+        total = (total & 0xFFFFFFFF) + (total >> 32)
+    return total
+
+
+def _encode_checksum(value):
+    """The 16 characters of a FITS ``CHECKSUM`` for a 32-bit value (Seaman et al. 2002)."""
+    characters = [0] * 16
+    for i in range(4):
+        byte = (value >> (24 - 8 * i)) & 0xFF
+        quotient, remainder = byte // 4 + ord("0"), byte % 4
+        chars = [quotient + remainder, quotient, quotient, quotient]
+        # Keep every character alphanumeric, pairwise so that the sum is unchanged.
+        changed = True
+        while changed:
+            changed = False
+            for j in (0, 2):
+                while chars[j] in _CHECKSUM_EXCLUDE or chars[j + 1] in _CHECKSUM_EXCLUDE:
+                    chars[j] += 1
+                    chars[j + 1] -= 1
+                    changed = True
+        for j in range(4):
+            characters[4 * j + i] = chars[j]
+    return bytes(characters[15:] + characters[:15]).decode("ascii")
+
+
+def header_text_with_checksum(header):
+    """FITS text of an HDU header whose ``DATASUM`` is set, with its ``CHECKSUM`` renewed.
+
+    The data are not read: their sum is the header's ``DATASUM``.
+    """
+    header = header.copy()
+    header["CHECKSUM"] = "0" * 16
+    text = header.tostring().encode("ascii")
+    total = _ones_complement_sum(text, int(header["DATASUM"]))
+    header["CHECKSUM"] = _encode_checksum(~total & 0xFFFFFFFF)
+    return header.tostring()
+
+
 class StreamedMEF:
     """A MEF written while it is being made: image extensions as they come, then tables,
     then the primary header into space reserved for it at the start.
@@ -79,17 +124,34 @@ class StreamedMEF:
         self.filename = Path(filename)
         self.tmp = self.filename.with_name(f".{self.filename.name}.{os.getpid()}.tmp")
         self.reserved = reserved_blocks * 2880
+        self.header_sizes = {}
         self.out = open(self.tmp, "wb", buffering=0)
         self.out.write(bytes(self.reserved))
 
     def add_image(self, header_text, data_path, nbytes):
-        """Append an image extension: header text (with checksums) and its data file."""
+        """Append an image extension: header text (with checksums) and its data file.
+
+        Returns
+        -------
+        int
+            Offset of the extension's header in the file, for :meth:`patch_header`.
+        """
+        offset = self.out.tell()
+        self.header_sizes[offset] = len(header_text)
         self.out.write(header_text.encode("ascii"))
         with open(data_path, "rb") as source:
             copied = 0
             while copied < nbytes:
                 copied += os.sendfile(self.out.fileno(), source.fileno(), copied, nbytes - copied)
         self.out.write(bytes(-nbytes % 2880))
+        return offset
+
+    def patch_header(self, offset, header_text):
+        """Rewrite an extension header already in the file with text of the same length."""
+        if len(header_text) != self.header_sizes[offset]:
+            raise ValueError(f"{self.filename}: a rewritten header must keep its "
+                             f"{self.header_sizes[offset]} bytes, not {len(header_text)}")
+        os.pwrite(self.out.fileno(), header_text.encode("ascii"), offset)
 
     def add_table(self, hdu):
         self.out.write(hdu_bytes(hdu))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from podi_mef import StreamedMEF
+from podi_mef import StreamedMEF, header_text_with_checksum
 
 
 def _image_parts(tmp_path, value, name):
@@ -42,3 +42,34 @@ def test_aborted_stream_leaves_nothing(tmp_path):
     stream.add_image(*_image_parts(tmp_path, 1.0, "OTA33.SCI"))
     stream.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["OTA33.SCI.f32"]
+
+
+def test_checksum_without_the_data_matches_astropy():
+    rng = np.random.default_rng(3)
+    for size in (1, 7, 40):
+        hdu = fits.ImageHDU(rng.normal(size=(size, 13)).astype(">f4"))
+        hdu.header["NOTE"] = "x" * size
+        hdu.add_checksum()
+        assert header_text_with_checksum(hdu.header) == hdu.header.tostring()
+
+
+def test_patched_header_keeps_its_size_and_checksums(tmp_path):
+    output = tmp_path / "out.fits"
+    stream = StreamedMEF(output)
+    text, path, nbytes = _image_parts(tmp_path, 3.0, "OTA33.SCI")
+    header = fits.Header.fromstring(text)
+    for _ in range(10):
+        header.add_blank()
+    offset = stream.add_image(header.tostring(), path, nbytes)
+    header["CRVAL1"] = 150.25          # a new keyword takes a blank card's place
+    stream.patch_header(offset, header_text_with_checksum(header))
+    header["LONGER"] = "y" * 60
+    for _ in range(40):
+        header.append(("HISTORY", "more than the spare cards"))
+    with pytest.raises(ValueError, match="must keep its"):
+        stream.patch_header(offset, header_text_with_checksum(header))
+    stream.finish(fits.Header())
+    with fits.open(output, checksum=True) as hdus:
+        assert hdus[1].header["CRVAL1"] == 150.25
+        assert hdus[1].verify_checksum() == 1 and hdus[1].verify_datasum() == 1
+        assert (hdus[1].data == 3.0).all()
