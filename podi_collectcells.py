@@ -247,12 +247,12 @@ def _inject_fault(ota):
         raise RuntimeError("injected fault")
 
 
-def _worker(filename, ota, options, buffer_path, size, results):
+def _worker(filename, ota, options, buffers, results):
     """Worker process: reduce one OTA into its shared buffer, send the products."""
     start = time.monotonic()
     try:
         _inject_fault(ota)
-        image = np.memmap(buffer_path, dtype=np.float32, mode="r+", shape=(size, size))
+        image = buffers.array(ota)
         products = collect_reduce_ota(filename, options, out=image)
         finish_buffer(products, products.pop("image"))
         del image
@@ -348,8 +348,7 @@ def run_workers(jobs, options, buffers, sink, deadline=None):
             while pending and len(running) < ncpus:
                 ota, filename = pending.pop(0)
                 process = context.Process(target=_worker, daemon=True,
-                                          args=(filename, ota, options, buffers.paths[ota],
-                                                buffers.size, results))
+                                          args=(filename, ota, options, buffers, results))
                 process.start()
                 running[ota] = process
             try:

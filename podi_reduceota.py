@@ -262,7 +262,7 @@ def flat(frame, settings):
     """Divide by the master flat; the flat's gain becomes the OTA's gain."""
     if settings.flat is None:
         return
-    data, header, primary = _master(frame, settings.flat, "flat")
+    data, _, primary = _master(frame, settings.flat, "flat")
     with np.errstate(divide="ignore", invalid="ignore"):
         frame.image /= data
     response = data[::4, ::4]

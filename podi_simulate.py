@@ -385,7 +385,7 @@ def _sky_rate(spec):
     return spec.sky_rate if spec.sky_rate is not None else SKY_RATE[spec.filter]
 
 
-def _cosmic_rays(image, exptime, binning, rng):
+def _cosmic_rays(image, exptime, rng):
     """Add cosmic-ray hits (short tracks of 1-6 pixels) in place."""
     size = image.shape[0]
     count = rng.poisson(1.0 * exptime)  # ~1 hit per second per OTA
@@ -412,7 +412,7 @@ def _add_dark(image, spec, instrument, ota, rng):
 
 def _add_cosmics(image, spec, instrument, ota, rng):
     if spec.effects.cosmics and spec.obstype != "BIAS":
-        _cosmic_rays(image, spec.exptime, spec.binning, rng)
+        _cosmic_rays(image, spec.exptime, rng)
 
 
 SIGNAL_STEPS = [_apply_flat, _add_dark, _add_cosmics]
@@ -488,6 +488,7 @@ def simulate_ota(spec, ota, stars, wcs_header, path, primary_cards):
     cell_truth["gain"] = [gains[cy, cx] for cx, cy in all_cells()]
     cell_truth["rdnoise"] = [read_noise[cy, cx] for cx, cy in all_cells()]
     cell_truth["bias_level"] = [level[cy, cx] if spec.effects.bias else 0.0 for cx, cy in all_cells()]
+    star_truth["ota"] = np.full(len(star_truth), ota)
     flat_inputs = binned_flat(instrument, ota, spec.binning) if spec.obstype == "OBJECT" else None
     return {"stars": star_truth, "cells": cell_truth, "binned_flat": flat_inputs}
 
@@ -788,16 +789,11 @@ def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointi
         h["PHOTZP3"] = (h["PHOTZPT"] + 2.5 * math.log10(aperture), "true ZP, 3\" aperture, ADU/s")
         h["SKY_E"] = (sky_e, "sky per pixel in the exposure (e-)")
         h["SKY_ADU"] = (sky_e * norm_adu, "true sky in reduced ADU")
-    star_rows = [r["stars"] for r in results]
-    ota_column = np.concatenate([np.full(len(t), ota) for ota, t in zip(otas, star_rows)]) \
-        if star_rows else np.array([], int)
-    on_otas = Table(names=("index", "x", "y", "flux"), dtype=(int, float, float, float))
-    if any(len(t) for t in star_rows):
-        on_otas = vstack([t for t in star_rows if len(t)])
-    star_table = Table({"ra": stars["ra"][on_otas["index"]], "dec": stars["dec"][on_otas["index"]],
-                        "mag": stars[FILTER_BAND.get(spec.filter, "r")][on_otas["index"]]
-                        if len(on_otas) else np.array([]),
-                        "ota": ota_column[:len(on_otas)], "x": on_otas["x"], "y": on_otas["y"],
+    on_otas = vstack([r["stars"] for r in results])
+    index = np.asarray(on_otas["index"], int)
+    star_table = Table({"ra": stars["ra"][index], "dec": stars["dec"][index],
+                        "mag": stars[FILTER_BAND.get(spec.filter, "r")][index],
+                        "ota": on_otas["ota"], "x": on_otas["x"], "y": on_otas["y"],
                         "flux_e": on_otas["flux"]})
     hdus = [primary, fits.BinTableHDU(star_table, name="STARS")]
     hdus.append(fits.BinTableHDU(vstack([r["cells"] for r in results]), name="CELLS"))
