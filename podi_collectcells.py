@@ -171,9 +171,12 @@ def collect_reduce_ota(filename, options, out=None):
     header["SKYNBOX"] = (len(samples), "sky boxes used")
     sources = None
     if options.get("fixwcs"):
+        size = frame.image.shape[0]
+        scale = podi_wcs.local_pixel_scale(WCS(header), size / 2, size / 2)
         sources = podi_findstars.find_sources(frame.image, frame.ota, gain=header["GAIN"],
                                               read_noise=header["RDNOISE"],
-                                              saturation=header["SATURATE"], binning=frame.binning)
+                                              saturation=header["SATURATE"], binning=frame.binning,
+                                              pixel_scale=scale)
     undefined = options.get("indefval", math.nan)
     if not math.isnan(undefined):
         frame.image[~np.isfinite(frame.image)] = np.float32(undefined)
@@ -566,7 +569,7 @@ def astrometric_calibration(products, first_header, options, refcat, size):
             result["header"][key] = card
         result["header_text"] = header_text_with_checksum(result["header"])
     keywords = dict(solution.keywords)
-    keywords.update(seeing_keywords(products, size))
+    keywords.update(seeing_keywords(products))
     keywords["ASTRMCAT"] = (Path(str(options.get("refcat") or os.environ.get("PODI_REFCAT", "")))
                             .name[:68] or "unknown", "astrometric reference catalog")
     tables = [fits.BinTableHDU(solution.reference, name="CAT.WCSREF"),
@@ -575,21 +578,15 @@ def astrometric_calibration(products, first_header, options, refcat, size):
     return keywords, tables
 
 
-def seeing_keywords(products, size):
-    """Seeing from the detected stars: FWHM in arcsec through each OTA's local pixel scale.
+def seeing_keywords(products):
+    """Seeing from the detected stars: ``FWHM_WORLD`` (through each OTA's local pixel scale).
 
     ``SEEING`` is the 3-sigma-clipped median of the unflagged sources (cosmic rays
     and hot pixels are already rejected by :mod:`podi_findstars`).
     """
-    every, clean = [], []
-    for result in products.values():
-        table = result["sources"]
-        scale = podi_wcs.local_pixel_scale(WCS(result["header"]), size / 2, size / 2)
-        fwhm = np.asarray(table["FWHM_IMAGE"], float) * scale
-        every.append(fwhm)
-        clean.append(fwhm[np.asarray(table["FLAGS"]) == 0])
-    every, clean = np.concatenate(every), np.concatenate(clean)
-    clean = clean[np.isfinite(clean)]
+    every = np.concatenate([np.asarray(r["sources"]["FWHM_WORLD"], float) for r in products.values()]) * 3600
+    flags = np.concatenate([np.asarray(r["sources"]["FLAGS"]) for r in products.values()])
+    clean = every[(flags == 0) & np.isfinite(every)]
     if not clean.size:
         return {"SEEING": (-1.0, "no unflagged source")}
     kept = clean
@@ -608,7 +605,8 @@ def source_catalog(products):
     tables = []
     for ota, result in products.items():
         table = result["sources"]
-        ra, dec = WCS(result["header"]).all_pix2world(table["XWIN"], table["YWIN"], 1)
+        ra, dec = podi_fixwcs.pixel_to_sky(result["header"], np.asarray(table["XWIN"]) - 1,
+                                           np.asarray(table["YWIN"]) - 1)
         table = Table(table, meta={})
         table.add_column(ra, name="RA", index=0)
         table.add_column(dec, name="DEC", index=1)

@@ -81,9 +81,36 @@ MAX_SHAPE_HALF = 24
 #: sep's stack of object pixels; the default (300 000) overflows on crowded 4k frames.
 PIXSTACK = 2_000_000
 
-COLUMNS = ("X", "Y", "XWIN", "YWIN", "FWHM_IMAGE", "FLUX", "FLUX_ERR", "FLUX_MAX",
-           "BACKGROUND", "AWIN_IMAGE", "BWIN_IMAGE", "THETAWIN_IMAGE", "ELONGATION",
-           "ELLIPTICITY", "FLAGS", "OTA")
+#: Block sizes (pixels square) of the detection image, largest first
+#: (:func:`detection_binning`).
+DETECTION_BLOCKS = (4, 2)
+
+#: Smallest stellar FWHM (pixels of the detection image) worth detecting on.
+MIN_DETECTION_FWHM = 2.0
+
+#: The original's aperture diameters (arcsec) by their column tag: MAG_D05 ... MAG_D35.
+APERTURE_DIAMETERS = {"05": 0.5, "08": 0.8, "10": 1.0, "15": 1.5, "20": 2.0, "25": 2.5,
+                      "30": 3.0, "35": 3.5}
+
+#: The aperture the zero point refers to (3", DECISIONS 12).
+CALIBRATION_TAG = "30"
+
+#: Sub-pixel sampling of the windowed centroid (sep's default, 11, costs 3x the time
+#: for a change of < 0.01 px at ODI's sampling).
+WINPOS_SUBPIX = 4
+
+#: Total flux for the aperture correction: within this many FWHM, with a local
+#: background from the annulus between these radii (FWHM).
+APCORR_RADIUS = 4.0
+APCORR_ANNULUS = (5.0, 7.0)
+
+#: Stars for the aperture correction have at least this detection S/N.
+APCORR_SNR = 50.0
+
+COLUMNS = (("X", "Y", "XWIN", "YWIN", "FWHM_IMAGE", "FWHM_WORLD", "FLUX", "FLUX_ERR")
+           + tuple(f"{kind}_D{tag}" for tag in APERTURE_DIAMETERS for kind in ("MAG", "MAGERR"))
+           + ("FLUX_MAX", "BACKGROUND", "AWIN_IMAGE", "BWIN_IMAGE", "THETAWIN_IMAGE",
+              "ELONGATION", "ELLIPTICITY", "FLAGS", "OTA"))
 
 
 def fwhm_per_half_light_radius(beta):
@@ -108,31 +135,190 @@ def gaussian_kernel(fwhm):
     return (kernel / kernel.sum()).astype(np.float32)
 
 
-def _prepare(image, binning, read_noise):
-    """Background-subtracted copy, NaN mask, background and error maps.
+def detection_binning(shape, fwhm_px):
+    """Block size of the detection image: the largest of :data:`DETECTION_BLOCKS`
+    that leaves :data:`MIN_DETECTION_FWHM` pixels per FWHM and divides the image.
 
-    The caller's array is only read: sep needs C-contiguous native float32, and the
-    subtraction makes the new array anyway.
+    Detection needs only ~2 pixels per FWHM; ODI's unbinned 0.11" pixels give 9 per
+    arcsecond of seeing, so detecting on block means costs a fraction of the time
+    and loses nothing. Everything is then measured at full resolution.
     """
-    data = np.ascontiguousarray(image, dtype=np.float32)
-    if not data.dtype.isnative:
-        data = data.astype(np.float32)  # FITS big-endian buffers
-    undefined = ~np.isfinite(data)
-    box = max(8, BACKGROUND_BOX // binning)
-    background = sep.Background(data, mask=undefined, bw=box, bh=box, fw=3, fh=3)
+    for factor in DETECTION_BLOCKS:
+        if fwhm_px >= factor * MIN_DETECTION_FWHM and not (shape[0] % factor or shape[1] % factor):
+            return factor
+    return 1
+
+
+def block_mean(image, factor):
+    """Mean of ``factor x factor`` pixel blocks, NaN where any pixel of a block is.
+
+    Always a new native float32 array (``factor = 1``: a copy).
+    """
+    if factor == 1:
+        return np.array(image, dtype=np.float32)
+    blocks = [image[j::factor, i::factor] for j in range(factor) for i in range(factor)]
+    total = np.add(blocks[0], blocks[1], dtype=np.float32)
+    for block in blocks[2:]:
+        total += block
+    total *= np.float32(1.0 / factor**2)
+    return total
+
+
+def _background(detection, undefined, box, read_noise):
+    """sep background and rms maps (float32) of the detection image."""
+    background = sep.Background(detection, mask=undefined, bw=box, bh=box, fw=3, fh=3)
     back = background.back(dtype=np.float32)
     rms = background.rms(dtype=np.float32)
     if read_noise:
         # Where nearly all pixels of a mesh are undefined the rms estimate is poor;
         # the pixel noise can never be below the read noise.
         np.maximum(rms, np.float32(read_noise), out=rms)
-    # Subtract into the background's buffer: a second 4k x 4k array costs more time
-    # (page faults) than the subtraction itself.
-    subtracted = np.subtract(data, back, out=back)
-    subtracted[undefined] = 0.0
     log.debug("background: box %d px, global %.1f, rms %.2f", box, background.globalback,
               background.globalrms)
-    return data, subtracted, undefined, rms
+    return back, rms
+
+
+class StampMosaic:
+    """Background-subtracted cut-outs around sources, stacked into one image for sep.
+
+    Measuring on cut-outs touches a few percent of the pixels of an OTA instead of
+    building a background-subtracted copy of all of it. Source ``i`` sits in rows
+    ``i * size ... (i + 1) * size - 1`` of :attr:`data`; measurements must stay
+    within ``half - 1`` pixels of a source so that they do not reach the next stamp.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The full image, NaN where undefined (any float dtype and byte order).
+    x, y : numpy.ndarray
+        0-based source positions in ``image``.
+    background : numpy.ndarray
+        Background at each source (image units), subtracted from its stamp.
+    half : int
+        Stamps are ``2 half + 1`` pixels square.
+
+    Attributes
+    ----------
+    data : numpy.ndarray (float32)
+        The stacked stamps, 0 where undefined or outside the image.
+    mask : numpy.ndarray of bool
+        Undefined or outside the image.
+    undefined, outside : numpy.ndarray (float32)
+        1 where the image has no data, and where the stamp leaves the image.
+    """
+
+    def __init__(self, image, x, y, background, half):
+        self.half = half
+        size = 2 * half + 1
+        ny, nx = image.shape
+        offsets = np.arange(size)
+        self.x0 = np.rint(x).astype(int) - half
+        self.y0 = np.rint(y).astype(int) - half
+        cols, rows = self.x0[:, None] + offsets, self.y0[:, None] + offsets
+        self.row0 = np.arange(len(x)) * size
+        outside = (((rows < 0) | (rows >= ny))[:, :, None] | ((cols < 0) | (cols >= nx))[:, None, :])
+        pixels = image[np.clip(rows, 0, ny - 1)[:, :, None],
+                       np.clip(cols, 0, nx - 1)[:, None, :]].astype(np.float32, copy=False)
+        pixels -= np.asarray(background, np.float32)[:, None, None]
+        undefined = np.isnan(pixels) & ~outside
+        mask = undefined | outside
+        pixels[mask] = 0.0
+        shape = (len(x) * size, size)
+        self.data, self.mask = pixels.reshape(shape), mask.reshape(shape)
+        self.undefined = undefined.reshape(shape).astype(np.float32)
+        self.outside = outside.reshape(shape).astype(np.float32)
+
+    def to_mosaic(self, x, y):
+        """Image positions (0-based) of the sources -> positions in :attr:`data`."""
+        return x - self.x0, y - self.y0 + self.row0
+
+    def to_image(self, x, y):
+        """Positions in :attr:`data` -> image positions (0-based)."""
+        return x + self.x0, y + self.y0 - self.row0
+
+    def touches(self, which, x, y, radius):
+        """Whether circles of ``radius`` at mosaic positions (x, y) include pixels
+        that are ``'undefined'`` or ``'outside'``."""
+        area, _, _ = sep.sum_circle(getattr(self, which), x, y, radius, subpix=0)
+        return area > 0
+
+
+def peak_value(data, x, y, half=2):
+    """Highest pixel within ``half`` pixels of (x, y) (0-based; the source's peak)."""
+    ny, nx = data.shape
+    offsets = np.arange(-half, half + 1)
+    iy = np.clip(np.rint(y).astype(int)[:, None, None] + offsets[None, :, None], 0, ny - 1)
+    ix = np.clip(np.rint(x).astype(int)[:, None, None] + offsets[None, None, :], 0, nx - 1)
+    return data[iy, ix].max(axis=(1, 2))
+
+
+def aperture_flux(data, x, y, radius, mask, noise, gain):
+    """Flux, error and sep flags in circles of ``radius`` pixels at (x, y) (0-based).
+
+    Exact pixel overlap; ``mask``-ed pixels are left out. The error is
+    ``sqrt(area * noise**2 + flux / gain)``: ``noise`` is the pixel rms at each source
+    (image units), the Poisson term is dropped without a gain.
+    """
+    flux, _, flags = sep.sum_circle(data, x, y, radius, mask=mask, subpix=0)
+    variance = math.pi * np.asarray(radius) ** 2 * noise**2
+    if gain:
+        variance = variance + np.maximum(flux, 0) / gain
+    return flux, np.sqrt(variance), flags
+
+
+def magnitudes(flux, flux_err):
+    """Instrumental magnitude ``-2.5 log10(flux)`` and its error; NaN for flux <= 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        positive = flux > 0
+        mag = np.where(positive, -2.5 * np.log10(np.where(positive, flux, 1.0)), np.nan)
+        err = np.where(positive, 2.5 / math.log(10) * flux_err / np.where(positive, flux, 1.0), np.nan)
+    return mag, err
+
+
+def aperture_corrections(image, x, y, background, radius, fwhm, candidates):
+    """Magnitude difference between an aperture and the total flux of bright stars.
+
+    The total flux is the flux within :data:`APCORR_RADIUS` FWHM (99.9 % of a
+    beta = 3.5 Moffat profile). Both apertures take their background from the
+    annulus :data:`APCORR_ANNULUS` (in FWHM), so that the residual background the
+    mesh leaves near bright stars cancels. Only ``candidates`` without another
+    detection within the annulus' outer radius are used.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The image, NaN where undefined.
+    x, y : numpy.ndarray
+        0-based positions of all sources (neighbours count even if not candidates).
+    background : numpy.ndarray
+        Background at each source (image units).
+    radius : float
+        Radius (pixels) of the aperture to correct.
+    fwhm : float
+        Stellar FWHM (pixels).
+    candidates : numpy.ndarray of bool
+        Bright, unflagged stars.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``mag(aperture) - mag(total)`` (positive) per usable star, in no order.
+    """
+    if not math.isfinite(fwhm) or not candidates.any():
+        return np.zeros(0)
+    outer = APCORR_ANNULUS[1] * fwhm
+    positions = np.column_stack([x, y])
+    nearest = cKDTree(positions).query(positions[candidates], k=2)[0][:, 1]
+    index = np.flatnonzero(candidates)[nearest > outer]
+    stamps = StampMosaic(image, x[index], y[index], background[index], int(math.ceil(outer)) + 2)
+    xs, ys = stamps.to_mosaic(x[index], y[index])
+    annulus = (APCORR_ANNULUS[0] * fwhm, outer)
+    (inner, _, inner_flags), (total, _, total_flags) = (
+        sep.sum_circle(stamps.data, xs, ys, r, mask=stamps.mask, bkgann=annulus, subpix=0)
+        for r in (radius, APCORR_RADIUS * fwhm))
+    good = (((inner_flags | total_flags) == 0) & (inner > 0) & (total > 0)
+            & ~stamps.touches("undefined", xs, ys, outer) & ~stamps.touches("outside", xs, ys, outer))
+    return 2.5 * np.log10(total[good] / inner[good])
 
 
 def windowed_shape(data, x, y, sigma, chunk=1000):
@@ -232,35 +418,41 @@ def reject_sharp(fwhm, bwin, snr, nominal_fwhm):
     return sharp, stellar_fwhm, stellar_bwin
 
 
-def _flags(objects, aperture_flags, saturation_level, saturation):
-    """This module's FLAG_* bits from sep's flags and the saturation test.
+def _flags(objects, sep_flags, near_undefined, truncated, saturated):
+    """This module's FLAG_* bits (int32) from sep's flags and the pixel tests.
 
-    ``aperture_flags`` are sep's APER_* bits of the flux aperture and the centroid
-    window (OR-ed); ``saturation_level`` is peak + background (image units).
+    ``sep_flags`` are sep's APER_* bits of the apertures and the centroid window
+    (OR-ed); the other arguments are boolean arrays (``saturated`` may be None).
     """
     flags = np.zeros(len(objects), np.int32)
     flags[(objects["flag"] & sep.OBJ_MERGED) != 0] |= FLAG_BLENDED
-    if saturation is not None:
-        flags[saturation_level >= saturation] |= FLAG_SATURATED
-    masked = sep.APER_HASMASKED | sep.APER_ALLMASKED
-    flags[(aperture_flags & masked) != 0] |= FLAG_NEAR_UNDEFINED
-    flags[((objects["flag"] & sep.OBJ_TRUNC) | (aperture_flags & sep.APER_TRUNC)) != 0] |= FLAG_TRUNCATED
-    other = (objects["flag"] & ~(sep.OBJ_MERGED | sep.OBJ_TRUNC)) | (aperture_flags & ~(masked | sep.APER_TRUNC))
+    if saturated is not None:
+        flags[saturated] |= FLAG_SATURATED
+    flags[near_undefined] |= FLAG_NEAR_UNDEFINED
+    flags[truncated | ((objects["flag"] & sep.OBJ_TRUNC) != 0)] |= FLAG_TRUNCATED
+    # Masked pixels are the two tests above; sep's remaining bits are overflows,
+    # singular moments and the like.
+    other = ((objects["flag"] & ~(sep.OBJ_MERGED | sep.OBJ_TRUNC))
+             | (sep_flags & ~(sep.APER_HASMASKED | sep.APER_ALLMASKED | sep.APER_TRUNC)))
     flags[other != 0] |= FLAG_SEP_OTHER
     return flags
 
 
 def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binning=1,
                  threshold=5.0, moffat_beta=DEFAULT_MOFFAT_BETA, aperture_radius=None,
-                 seeing=NOMINAL_SEEING):
+                 seeing=NOMINAL_SEEING, pixel_scale=None):
     """Detect and measure the sources of one reduced OTA.
 
-    Steps: sep background (mesh ``64 / binning`` px, 3x3 median filter) with the NaN
-    pixels masked; extraction on the background-subtracted image at ``threshold``
-    times the local background rms after filtering with a Gaussian of the nominal
-    seeing (at most 9x9 pixels), minimum area ``max(2, 5 // binning)`` pixels, sep's
-    default deblending; half-light radius; windowed centroid; FWHM; aperture flux;
-    windowed shape; flags; rejection of sharp sources (:func:`reject_sharp`).
+    Detection runs on 2x2 block means where stars are well sampled
+    (:func:`detection_binning`): sep background (mesh ``64 / binning`` unbinned-pixel
+    equivalents, 3x3 median filter) with the NaN pixels masked, extraction at
+    ``threshold`` times the local background rms after filtering with a Gaussian of
+    the nominal seeing (at most 7x7 pixels), minimum area ``max(2, 5 // b)`` pixels
+    for a detection image of binning ``b``, sep's default deblending. Everything else
+    is measured on the full-resolution image minus that background: half-light
+    radius, windowed centroid, FWHM, peak, windowed shape, the adaptive aperture
+    flux, the eight aperture fluxes of :data:`APERTURE_DIAMETERS`, flags, and
+    finally the rejection of sharp sources (:func:`reject_sharp`).
 
     Parameters
     ----------
@@ -270,25 +462,28 @@ def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binnin
         OTA number, copied into the ``OTA`` column.
     gain : float, optional
         Electrons per image unit (header ``GAIN``); adds the sources' Poisson noise to
-        ``FLUX_ERR``. None: background noise only (SExtractor's ``GAIN = 0``).
+        the flux errors. None: background noise only (SExtractor's ``GAIN = 0``).
     read_noise : float, optional
         Read noise in image units (header ``RDNOISE``): floor of the background rms.
     saturation : float, optional
         Level (image units, including the sky) above which pixels may be saturated
         (header ``SATURATE``). None: no saturation flag.
     binning : int
-        Binning factor; scales the background mesh, the minimum area and the kernel.
+        Binning factor of ``image``; scales the background mesh.
     threshold : float
         Detection threshold in units of the local background rms (per filtered pixel).
     moffat_beta : float
         Profile assumed to convert the half-light radius to a FWHM (``inf``: Gaussian).
     aperture_radius : float, optional
-        Radius (pixels) of the flux aperture. None: 1.5 times the frame's stellar FWHM
-        (an aperture of diameter 3 FWHM, 93 % of a beta = 3.5 Moffat's flux).
+        Radius (pixels) of the adaptive flux aperture (``FLUX``). None: 1.5 times the
+        frame's stellar FWHM (an aperture of diameter 3 FWHM, 93 % of a beta = 3.5
+        Moffat's flux).
     seeing : float
-        Expected seeing FWHM (arcsec; pixel scale 0.1126"/px x ``binning``): the
-        detection kernel is matched to it, and stars are looked for within 0.4-2.5
-        times it (:func:`reject_sharp`).
+        Expected seeing FWHM (arcsec): the detection kernel is matched to it, and
+        stars are looked for within 0.4-2.5 times it (:func:`reject_sharp`).
+    pixel_scale : float, optional
+        Local pixel scale of ``image`` (arcsec/pixel, from its WCS): converts the
+        aperture diameters and the FWHM. None: ``PIXEL_SCALE * binning``.
 
     Returns
     -------
@@ -296,69 +491,110 @@ def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binnin
         One row per source, columns :data:`COLUMNS`:
         ``X``, ``Y`` isophotal barycentre and ``XWIN``, ``YWIN`` windowed centroid
         (pixels, 1-based FITS convention = 0-based + 1); ``FWHM_IMAGE`` (pixels) =
-        half-light radius x :func:`fwhm_per_half_light_radius` (``moffat_beta``).
-        The conversion is exact for the assumed profile and biased otherwise: a
-        Gaussian star comes out 17 % too small with beta = 3.5, a beta = 2.5 Moffat
-        12 % too large; pixelisation adds ~1/12 px^2 to the profile's variance.
-        ``FLUX``, ``FLUX_ERR`` (image units; circular aperture, centred on the
-        windowed position, undefined pixels excluded); ``FLUX_MAX`` (peak above
-        background, image units); ``BACKGROUND`` (image units at the source);
-        ``AWIN_IMAGE``, ``BWIN_IMAGE`` (windowed rms extent along the axes, pixels),
-        ``THETAWIN_IMAGE`` (degrees, counter-clockwise from +x), ``ELONGATION`` =
-        A/B, ``ELLIPTICITY`` = 1 - B/A (windowed); ``FLAGS`` (``FLAG_*`` bits);
-        ``OTA``. Table meta: ``FWHM`` (stellar median, px), ``NREJECT`` (sharp
-        sources removed), ``APERTURE`` (radius used, px).
+        half-light radius x :func:`fwhm_per_half_light_radius` (``moffat_beta``) and
+        ``FWHM_WORLD`` (degrees, through ``pixel_scale``). The conversion is exact for
+        the assumed profile and biased otherwise: a Gaussian star comes out 17 % too
+        small with beta = 3.5, a beta = 2.5 Moffat 12 % too large; pixelisation adds
+        ~1/12 px^2 to the profile's variance. ``FLUX``, ``FLUX_ERR`` (image units;
+        adaptive circular aperture); ``MAG_Dnn``, ``MAGERR_Dnn`` (instrumental
+        magnitudes ``-2.5 log10(flux)`` in the apertures of :data:`APERTURE_DIAMETERS`,
+        NaN where the flux is not positive); all apertures centred on the windowed
+        position, undefined pixels excluded (and flagged), errors from the local
+        pixel noise and, with ``gain``, the source's Poisson noise; ``FLUX_MAX``
+        (peak above background, image units); ``BACKGROUND`` (image units at the
+        source); ``AWIN_IMAGE``, ``BWIN_IMAGE`` (windowed rms extent along the axes,
+        pixels), ``THETAWIN_IMAGE`` (degrees, counter-clockwise from +x),
+        ``ELONGATION`` = A/B, ``ELLIPTICITY`` = 1 - B/A (windowed); ``FLAGS``
+        (``FLAG_*`` bits); ``OTA``. Table meta: ``FWHM`` (stellar median, px),
+        ``NREJECT`` (sharp sources removed), ``APERTURE`` (adaptive radius, px),
+        ``APCORR`` (array: :func:`aperture_corrections` of the bright isolated stars).
     """
     start = time.perf_counter()
-    original, data, undefined, rms = _prepare(image, binning, read_noise)
+    pixel_scale = pixel_scale or PIXEL_SCALE * binning
+    fwhm_px = seeing / pixel_scale
+    factor = detection_binning(image.shape, fwhm_px)
+    detection = block_mean(image, factor)
+    detection_undefined = np.isnan(detection)
+    back, rms = _background(detection, detection_undefined,
+                            max(8, BACKGROUND_BOX // (binning * factor)),
+                            read_noise / factor if read_noise else None)
+    np.subtract(detection, back, out=detection)
+    detection[detection_undefined] = 0.0
     if sep.get_extract_pixstack() < PIXSTACK:
         sep.set_extract_pixstack(PIXSTACK)
-    kernel_fwhm = seeing / (PIXEL_SCALE * binning)
-    kernel = gaussian_kernel(kernel_fwhm)
+    kernel = gaussian_kernel(fwhm_px / factor)
     # Plain convolution ('conv') is 3-4 times faster than sep's 'matched' filter. The
     # filtered noise is rms * sqrt(sum k^2) (kernel normalised to sum 1), so scaling the
     # threshold by that factor makes it a threshold in filtered S/N, as 'matched' does
     # where the noise is locally constant (it changes only from cell to cell).
-    objects = sep.extract(data, threshold * float(np.sqrt((kernel.astype(np.float64) ** 2).sum())),
-                          err=rms, mask=undefined, minarea=max(2, 5 // binning),
+    objects = sep.extract(detection, threshold * float(np.sqrt((kernel.astype(np.float64) ** 2).sum())),
+                          err=rms, mask=detection_undefined, minarea=max(2, 5 // (binning * factor)),
                           filter_kernel=kernel, filter_type="conv")
     if len(objects) == 0:
         log.info("OTA %02d: no sources", ota)
-        return _table([], {"FWHM": math.nan, "NREJECT": 0, "APERTURE": math.nan})
+        return _table([], {"FWHM": math.nan, "NREJECT": 0, "APERTURE": math.nan,
+                           "APCORR": np.zeros(0)})
 
-    x, y = objects["x"], objects["y"]
+    # Block (i, j) of the detection image covers pixels factor*i ... factor*i + factor-1,
+    # so its centre is at factor*i + (factor-1)/2.
+    ix, iy = (np.clip(np.rint(objects[c]).astype(int), 0, n - 1)
+              for c, n in (("x", detection.shape[1]), ("y", detection.shape[0])))
+    background = back[iy, ix]
+    # The noise of a block mean is the pixel noise over factor (uncorrelated pixels).
+    noise = rms[iy, ix] * factor
+    snr = objects["flux"] / (np.sqrt(np.maximum(objects["npix"], 1)) * rms[iy, ix])
+    radii = {tag: diameter / 2 / pixel_scale for tag, diameter in APERTURE_DIAMETERS.items()}
+    stamps = StampMosaic(image, factor * objects["x"] + (factor - 1) / 2,
+                         factor * objects["y"] + (factor - 1) / 2, background,
+                         int(math.ceil(max(MAX_SHAPE_HALF, *radii.values(), 1.5 * 2.5 * fwhm_px))) + 3)
+    reach = stamps.half - 1
+    data = stamps.data
+    x, y = stamps.to_mosaic(factor * objects["x"] + (factor - 1) / 2,
+                            factor * objects["y"] + (factor - 1) / 2)
+
     # The isophotal extent bounds the light profile; the floor keeps faint sources'
     # radius from being cut off at the noise.
-    rmax = np.clip(6 * objects["a"], 2 * kernel_fwhm, 100.0)
-    r50, _ = sep.flux_radius(data, x, y, rmax, 0.5, mask=undefined, subpix=5)
+    rmax = np.clip(6 * factor * objects["a"], 2 * fwhm_px, reach)
+    r50, _ = sep.flux_radius(data, x, y, rmax, 0.5, mask=stamps.mask, subpix=3)
     # SExtractor's window: Gaussian with FWHM = the half-light diameter.
-    window = np.maximum(2 * r50 / 2.3548, 0.3)
-    xwin, ywin, winpos_flags = sep.winpos(data, x, y, window, mask=undefined)
+    window = np.clip(2 * r50 / 2.3548, 0.3, reach / 4)
+    xwin, ywin, winpos_flags = sep.winpos(data, x, y, window, mask=stamps.mask, subpix=WINPOS_SUBPIX)
     fwhm = r50 * fwhm_per_half_light_radius(moffat_beta)
     awin, bwin, theta = windowed_shape(data, xwin, ywin, window)
+    peak = peak_value(data, xwin, ywin)
 
-    # S/N of the detection (isophotal flux over its noise) picks the bright sources
-    # that define the stellar FWHM; the aperture flux needs that FWHM first.
-    iy = np.clip(np.rint(y).astype(int), 0, data.shape[0] - 1)
-    ix = np.clip(np.rint(x).astype(int), 0, data.shape[1] - 1)
-    noise = rms[iy, ix]
-    snr = objects["flux"] / (np.sqrt(np.maximum(objects["npix"], 1)) * noise)
-    sharp, stellar_fwhm, _ = reject_sharp(fwhm, bwin, snr, kernel_fwhm)
+    sharp, stellar_fwhm, _ = reject_sharp(fwhm, bwin, snr, fwhm_px)
     radius = aperture_radius if aperture_radius is not None else 1.5 * (
-        stellar_fwhm if math.isfinite(stellar_fwhm) else kernel_fwhm)
-    flux, flux_err, aperture_flags = sep.sum_circle(data, xwin, ywin, radius, err=rms,
-                                                    mask=undefined, gain=gain, subpix=5)
+        stellar_fwhm if math.isfinite(stellar_fwhm) else fwhm_px)
+    radius = min(radius, reach)
+    flux, flux_err, aperture_flags = aperture_flux(data, xwin, ywin, radius, stamps.mask, noise, gain)
+    photometry = {}
+    for tag, r in radii.items():
+        f, e, flags = aperture_flux(data, xwin, ywin, r, stamps.mask, noise, gain)
+        photometry[f"MAG_D{tag}"], photometry[f"MAGERR_D{tag}"] = magnitudes(f, e)
+        aperture_flags |= flags
+    largest = max(radius, *radii.values())
     stellar = ~sharp & (snr >= STELLAR_SNR) & (objects["flag"] == 0)
-    concentrated = reject_concentrated(objects["peak"], flux, noise, stellar)
+    concentrated = reject_concentrated(peak, flux, noise, stellar)
     keep = ~sharp & ~concentrated & ~duplicates(xwin, ywin, objects["flux"])
 
-    background = original[iy, ix] - data[iy, ix]
-    flags = _flags(objects, aperture_flags | winpos_flags, objects["peak"] + background, saturation)
-    table = _table(
-        [x + 1, y + 1, xwin + 1, ywin + 1, fwhm, flux, flux_err, objects["peak"], background,
-         awin, bwin, theta, awin / bwin, 1 - bwin / awin, flags,
-         np.full(len(flux), ota, np.int16)],
-        {"FWHM": stellar_fwhm, "NREJECT": int((~keep).sum()), "APERTURE": float(radius)})[keep]
+    flags = _flags(objects, aperture_flags | winpos_flags,
+                   near_undefined=stamps.touches("undefined", xwin, ywin, largest),
+                   truncated=stamps.touches("outside", xwin, ywin, largest),
+                   saturated=(peak + background >= saturation) if saturation is not None else None)
+    xwin, ywin = stamps.to_image(xwin, ywin)
+    x, y = stamps.to_image(x, y)
+    apcorr = aperture_corrections(image, xwin, ywin, background, radii[CALIBRATION_TAG],
+                                  stellar_fwhm, keep & stellar & (flags == 0) & (snr >= APCORR_SNR))
+    columns = {"X": x + 1, "Y": y + 1, "XWIN": xwin + 1, "YWIN": ywin + 1, "FWHM_IMAGE": fwhm,
+               "FWHM_WORLD": fwhm * pixel_scale / 3600, "FLUX": flux, "FLUX_ERR": flux_err,
+               **photometry, "FLUX_MAX": peak, "BACKGROUND": background, "AWIN_IMAGE": awin,
+               "BWIN_IMAGE": bwin, "THETAWIN_IMAGE": theta, "ELONGATION": awin / bwin,
+               "ELLIPTICITY": 1 - bwin / awin, "FLAGS": flags,
+               "OTA": np.full(len(flux), ota, np.int16)}
+    table = _table([columns[name] for name in COLUMNS],
+                   {"FWHM": stellar_fwhm, "NREJECT": int((~keep).sum()), "APERTURE": float(radius),
+                    "APCORR": apcorr})[keep]
     log.info("OTA %02d: %d sources (%d sharp, %d concentrated, %d duplicates removed), "
              "FWHM %.2f px, aperture radius %.2f px, %.2f s", ota, len(table), sharp.sum(),
              (concentrated & ~sharp).sum(), (~keep & ~sharp & ~concentrated).sum(),

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.table import Table
-from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
 import podi_definitions as pd
@@ -229,6 +228,20 @@ class _Tpv:
         return x, y
 
 
+def pixel_to_sky(header, x, y):
+    """RA, Dec (deg) of 0-based pixel positions through a TAN or TPV header.
+
+    The same mapping as astropy's ``WCS(header).all_pix2world(x, y, 0)`` (CD matrix,
+    PV polynomial, gnomonic projection about CRVAL) without building a wcslib
+    object, which costs tens of milliseconds per header.
+    """
+    dx = np.asarray(x, float) - (header["CRPIX1"] - 1.0)
+    dy = np.asarray(y, float) - (header["CRPIX2"] - 1.0)
+    cd = _cd(header)
+    xi, eta = _Tpv(header).forward(cd[0, 0] * dx + cd[0, 1] * dy, cd[1, 0] * dx + cd[1, 1] * dy)
+    return deproject(xi, eta, header["CRVAL1"], header["CRVAL2"])
+
+
 # --- Least squares -----------------------------------------------------------------------
 
 def _clipped_lstsq(design, target):
@@ -389,7 +402,7 @@ def _frame_header(header, similarity, plane, ota_size):
     """Header of one OTA that reproduces the frame solution (exact fit on a pixel grid)."""
     grid = np.linspace(0.0, ota_size - 1.0, _GRID_POINTS)
     x, y = (array.ravel() for array in np.meshgrid(grid, grid))
-    ra, dec = WCS(header).all_pix2world(x, y, 0)
+    ra, dec = pixel_to_sky(header, x, y)
     xi, eta = project(ra, dec, *plane)
     xi, eta = _apply_similarity(similarity, xi * 3600.0, eta * 3600.0)
     ra, dec = deproject(xi / 3600.0, eta / 3600.0, *plane)
@@ -556,7 +569,7 @@ def _source_catalog(sources, headers):
         x, y = x[finite], y[finite]
         if len(x) == 0:
             continue
-        ra, dec = WCS(headers[ota]).all_pix2world(x, y, 0)
+        ra, dec = pixel_to_sky(headers[ota], x, y)
         parts.append((np.full(len(x), ota), x, y, ra, dec))
     if not parts:
         return _Catalog(*(np.empty(0) for _ in range(5)))
@@ -793,7 +806,7 @@ def _final_match(catalog, refined, ref_tree, reference, radius):
     ra, dec = np.empty_like(catalog.x), np.empty_like(catalog.x)
     for ota in np.unique(catalog.ota):
         mine = catalog.ota == ota
-        ra[mine], dec[mine] = WCS(refined[ota]).all_pix2world(catalog.x[mine], catalog.y[mine], 0)
+        ra[mine], dec[mine] = pixel_to_sky(refined[ota], catalog.x[mine], catalog.y[mine])
     xi, eta = project(ra, dec, *catalog.plane)
     src_index, ref_index = _match((xi * 3600.0, eta * 3600.0), ref_tree, radius)
     # Residuals on the sky at each star (RA difference scaled by cos Dec).

@@ -284,17 +284,17 @@ def real_canned(mastercals):
     return podi_wcs.read_canned_wcs(mastercals / "wcs/podi/2mass_distort5.fits")
 
 
-def test_tpv_polynomial_agrees_with_astropy(mastercals):
+@pytest.mark.parametrize("ota, ra0, dec0", [(22, 150.0, 30.0), (44, 359.99, 1.0), (33, 12.0, 88.5)])
+def test_pixel_to_sky_agrees_with_astropy(mastercals, ota, ra0, dec0):
     # 5th-order real model, including the r terms and both argument orders.
-    header = podi_wcs.ota_wcs_header(real_canned(mastercals)[22], 150.0, 30.0)
-    x, y = np.meshgrid(np.linspace(0, 4095, 7), np.linspace(0, 4095, 7))
-    ra, dec = WCS(header).all_pix2world(x.ravel(), y.ravel(), 0)
-    u, v = podi_fixwcs._cd(header) @ np.vstack([x.ravel() + 1 - header["CRPIX1"],
-                                                y.ravel() + 1 - header["CRPIX2"]])
-    xi, eta = podi_fixwcs._Tpv(header).forward(u, v)
-    ra_own, dec_own = podi_fixwcs.deproject(xi, eta, header["CRVAL1"], header["CRVAL2"])
-    np.testing.assert_allclose(ra_own, ra, atol=1e-10)
+    header = podi_wcs.ota_wcs_header(real_canned(mastercals)[ota], ra0, dec0)
+    x, y = (a.ravel() for a in np.meshgrid(np.linspace(0, 4095, 7), np.linspace(0, 4095, 7)))
+    ra, dec = WCS(header).all_pix2world(x, y, 0)
+    ra_own, dec_own = podi_fixwcs.pixel_to_sky(header, x, y)
+    np.testing.assert_allclose(np.mod(ra_own - ra + 180, 360) - 180, 0, atol=1e-10)
     np.testing.assert_allclose(dec_own, dec, atol=1e-10)
+    u, v = podi_fixwcs._cd(header) @ np.vstack([x + 1 - header["CRPIX1"], y + 1 - header["CRPIX2"]])
+    xi, eta = podi_fixwcs._Tpv(header).forward(u, v)
     np.testing.assert_allclose(podi_fixwcs._Tpv(header).inverse(xi, eta), (u, v), atol=1e-12)
 
 
