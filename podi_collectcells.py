@@ -44,6 +44,7 @@ from astropy.wcs import WCS
 import podi_findstars
 import podi_fixwcs
 import podi_ipprefcat
+import podi_photcalib
 import podi_wcs
 from podi_calibfiles import CalibrationNotFound, resolve_calibrations
 from podi_commandline import HelpRequested, OptionError, expand_output_name, parse_commandline, usage
@@ -154,8 +155,9 @@ def collect_reduce_ota(filename, options, out=None):
         ``data_products``: ``ota``, ``header`` (the extension header), ``inherited``
         (exposure keywords moved out of it, for the primary), ``image`` (``out`` if
         given), ``sky_samples``, ``sky`` (median, mean, std), ``files_used`` (step ->
-        path), ``steps`` (step -> status) and ``sources`` (the detections of
-        :mod:`podi_findstars` with ``-fixwcs``, else None).
+        path), ``steps`` (step -> status), ``sources`` (the detections of
+        :mod:`podi_findstars` with ``-fixwcs``, else None) and ``pixel_scale``
+        (arcsec/pixel at the OTA's centre, with ``-fixwcs``).
     """
     frame = reduce_ota(filename, reduction_settings(options), out=out)
     header = frame.header
@@ -169,7 +171,7 @@ def collect_reduce_ota(filename, options, out=None):
     header["SKY_STD"] = (_finite(std), "std of the box sky levels (BUNIT)")
     header["SKYNOISE"] = (_finite(noise), "pixel noise: median over boxes of 1.4826 MAD")
     header["SKYNBOX"] = (len(samples), "sky boxes used")
-    sources = None
+    sources, scale = None, None
     if options.get("fixwcs"):
         size = frame.image.shape[0]
         scale = podi_wcs.local_pixel_scale(WCS(header), size / 2, size / 2)
@@ -183,7 +185,7 @@ def collect_reduce_ota(filename, options, out=None):
     inherited = {} if options.get("prep4sex") else move_inherited_keywords(header)
     return {"ota": frame.ota, "header": header, "inherited": inherited, "image": frame.image,
             "sky_samples": samples, "sky": (median, mean, std), "files_used": frame.files_used,
-            "steps": frame.steps, "sources": sources}
+            "steps": frame.steps, "sources": sources, "pixel_scale": scale}
 
 
 def move_inherited_keywords(header):
@@ -539,19 +541,29 @@ WCS_SPARE_CARDS = 72
 _REFCAT_RADIUS = 1.0
 
 
-def astrometric_calibration(products, first_header, options, refcat, size):
+def reference_stars(refcat, first_header):
+    """Reference stars around the pointing, at the epoch of the exposure."""
+    ra, dec = podi_wcs.parse_pointing(first_header)
+    mjd = float(first_header.get("MJD-OBS", 51544.5))
+    return refcat.query(ra, dec, _REFCAT_RADIUS, epoch=2000.0 + (mjd - 51544.5) / 365.25)
+
+
+def catalog_name(options):
+    """Name of the reference catalog for ``ASTRMCAT`` and ``PHOTMCAT``."""
+    return Path(str(options.get("refcat") or os.environ.get("PODI_REFCAT", ""))).name or "unknown"
+
+
+def astrometric_calibration(products, reference, options, size):
     """``-fixwcs``: fit every OTA's WCS to the reference catalog (:mod:`podi_fixwcs`).
 
     Updates the OTA headers of ``products`` (and their header text) in place.
 
     Returns
     -------
-    (dict, list)
-        Primary keywords, and the tables ``CAT.WCSREF``, ``WCSCAL.CAT``, ``CAT.ODI``.
+    (bool, dict, list)
+        Whether the WCS was calibrated, primary keywords, and the tables ``CAT.WCSREF``
+        and ``WCSCAL.CAT``.
     """
-    ra, dec = podi_wcs.parse_pointing(first_header)
-    mjd = float(first_header.get("MJD-OBS", 51544.5))
-    reference = refcat.query(ra, dec, _REFCAT_RADIUS, epoch=2000.0 + (mjd - 51544.5) / 365.25)
     sources, headers = {}, {}
     for ota, result in products.items():
         table = result["sources"]
@@ -570,12 +582,10 @@ def astrometric_calibration(products, first_header, options, refcat, size):
         result["header_text"] = header_text_with_checksum(result["header"])
     keywords = dict(solution.keywords)
     keywords.update(seeing_keywords(products))
-    keywords["ASTRMCAT"] = (Path(str(options.get("refcat") or os.environ.get("PODI_REFCAT", "")))
-                            .name[:68] or "unknown", "astrometric reference catalog")
+    keywords["ASTRMCAT"] = (catalog_name(options)[:68], "astrometric reference catalog")
     tables = [fits.BinTableHDU(solution.reference, name="CAT.WCSREF"),
-              fits.BinTableHDU(solution.matches, name="WCSCAL.CAT"),
-              fits.BinTableHDU(source_catalog(products), name="CAT.ODI")]
-    return keywords, tables
+              fits.BinTableHDU(solution.matches, name="WCSCAL.CAT")]
+    return solution.success, keywords, tables
 
 
 def seeing_keywords(products):
@@ -612,6 +622,90 @@ def source_catalog(products):
         table.add_column(dec, name="DEC", index=1)
         tables.append(table)
     return vstack(tables) if tables else Table()
+
+
+#: Primary keywords copied into the CAT.PHOTCALIB header (facts 1.6).
+PHOTCALIB_HEADER_KEYWORDS = ("AIRMASS", "FILTER", "FILTERID", "MJD-OBS", "OBSID", "EXPTIME",
+                             "EXPMEAS", "TELFOCUS", "ROTSTART", "ROTEND", "ADCMODE")
+
+
+def photometric_calibration(catalog, reference, products, first_header, options, seeing):
+    """``-photcalib``: zero point, aperture correction, sky brightness and depth.
+
+    Calibrates the ``MAG_Dnn`` columns of ``catalog`` (``CAT.ODI``) in place where a
+    zero point exists: instrumental + ``PHOTZP_X`` + ``APCORR`` (DECISIONS 12), i.e.
+    the calibrated magnitude of the light inside each aperture.
+
+    Returns
+    -------
+    (dict, list)
+        Primary keywords (:mod:`podi_photcalib`) and the table ``CAT.PHOTCALIB``.
+    """
+    name = catalog_name(options)
+    exptime = float(first_header.get("EXPTIME", 0.0))
+    if not exptime > 0:
+        message = f"EXPTIME is {exptime:g} s"
+        logger.warning("-photcalib: %s; no zero point", message)
+        return {"PHOTCAL": (False, "photometric calibration done"),
+                "PHOTMSG": (message, "why there is no zero point")}, []
+    first = next(iter(products.values()))["header"]
+    centre = (podi_photcalib.radial_zeropoint_centre(first["CRVAL1"], first["CRVAL2"])
+              if options.get("fitradialZP") else None)
+    airmass = first_header.get("AIRMASS")
+    result = podi_photcalib.calibrate(catalog, reference, normalised_filter_name(first_header),
+                                      exptime, airmass=float(airmass) if airmass is not None else None,
+                                      catalog_name=name, radial_centre=centre)
+    table = fits.BinTableHDU(result.table, name="CAT.PHOTCALIB")
+    for key in PHOTCALIB_HEADER_KEYWORDS:
+        if key in first_header:
+            table.header[key] = first_header[key]
+    keywords = dict(result.keywords)
+    if not result.success:
+        logger.warning("-photcalib: %s; no zero point (PHOTCAL = F)", result.message)
+        return keywords, [table]
+    seeing = keywords.get("SEEING", (seeing,))[0]
+    corrections = np.concatenate([r["sources"].meta["APCORR"] for r in products.values()])
+    keywords.update(podi_photcalib.aperture_correction(corrections, seeing))
+    zeropoint = keywords["PHOTZP_X"][0] + keywords["APCORR"][0]
+    sky, noise = global_sky(products, first_header)
+    scale = float(np.median([r["pixel_scale"] for r in products.values()]))
+    keywords.update(podi_photcalib.sky_and_depth(zeropoint, sky, noise, scale, seeing))
+    for tag in podi_photcalib.APERTURES:
+        catalog[f"MAG_D{tag}"] += np.float32(zeropoint)
+    catalog.meta["MAGZP"] = zeropoint
+    return keywords, [table]
+
+
+def catalog_hdu(catalog):
+    """``CAT.ODI`` as a table HDU; its header says whether the magnitudes are calibrated."""
+    zeropoint = catalog.meta.pop("MAGZP", None)
+    hdu = fits.BinTableHDU(catalog, name="CAT.ODI")
+    hdu.header["MAGCALIB"] = (zeropoint is not None, "MAG_Dnn calibrated (else instrumental)")
+    if zeropoint is not None:
+        hdu.header["MAGZP"] = (round(float(zeropoint), 5), "added to -2.5log10(ADU): PHOTZP_X+APCORR")
+    return hdu
+
+
+def summary_line(base, primary, output, seconds):
+    """The one line printed per frame: OTAs, seeing, zero point, sky, depth, WCS, time."""
+    parts = [f"{primary['NOTAS']} OTAs reduced, {primary['NFAILED']} failed"]
+    if primary.get("SEEING", -1) > 0:
+        parts.append(f"seeing {primary['SEEING']:.2f}\"")
+    if primary.get("PHOTCAL"):
+        parts.append(f"ZP {primary['PHOTZP']:.3f}+-{primary['PHOTZPER']:.3f}")
+    elif "PHOTCAL" in primary:
+        parts.append("no ZP")
+    if "SKYMAG" in primary:
+        parts.append(f"sky {primary['SKYMAG']:.2f} mag/arcsec2")
+    else:
+        parts.append(f"sky {primary['SKYLEVEL']:.1f} {primary['BUNIT']}")
+    if "PHOTDPTH" in primary:
+        parts.append(f"depth {primary['PHOTDPTH']:.2f} (5 sigma)")
+    if primary.get("WCSCAL"):
+        parts.append(f"WCS rms {primary['WCS_RMS']:.3f}\"")
+    elif "WCSCAL" in primary:
+        parts.append("WCS not calibrated")
+    return f"{base}: {', '.join(parts)}, {seconds:.1f} s -> {output}"
 
 
 # --- The whole frame ----------------------------------------------------------------------
@@ -689,9 +783,21 @@ def collectcells(options, argv=()):
             raise ReductionError(f"timed out after {options['timeout']:g} s; no output written")
         keywords, tables = {}, []
         if options.get("fixwcs"):
-            keywords, tables = astrometric_calibration(products, first_header, options, refcat, size)
+            reference = reference_stars(refcat, first_header)
+            calibrated, keywords, tables = astrometric_calibration(products, reference, options, size)
             for ota, offset in sink.offsets.items():
                 stream.patch_header(offset, products[ota]["header_text"])
+            catalog = source_catalog(products)
+            if options.get("photcalib") and not calibrated:
+                logger.warning("-photcalib: no zero point without a calibrated WCS (PHOTCAL = F)")
+                keywords.update(PHOTCAL=(False, "photometric calibration done"),
+                                PHOTMSG=("WCS not calibrated", "why there is no zero point"))
+            elif options.get("photcalib"):
+                photometry, photcalib_tables = photometric_calibration(
+                    catalog, reference, products, first_header, options, keywords["SEEING"][0])
+                keywords.update(photometry)
+                tables += photcalib_tables
+            tables.insert(2, catalog_hdu(catalog))
         for table in tables + [association_table(products)]:
             stream.add_table(table)
         primary = primary_header(first_header, products, failures, options, argv)
@@ -703,9 +809,7 @@ def collectcells(options, argv=()):
         raise
     finally:
         buffers.remove()
-    print(f"{exposure.base}: {len(products)} OTAs reduced, {len(failures)} failed, "
-          f"sky {primary['SKYLEVEL']:.1f} {primary['BUNIT']}, "
-          f"{time.monotonic() - start:.1f} s -> {output}")
+    print(summary_line(exposure.base, primary, output, time.monotonic() - start))
     return output
 
 

@@ -31,8 +31,8 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -centralonly               only the central 3x3 OTAs                        False
     -noclobber                 skip the exposure if the output exists           False
     -bgmode                    quiet background mode                            False
-    -photcalib                 photometric zero point (not available yet)       False
-    -fitradialZP               radial zero-point gradient (not available yet)   False
+    -photcalib                 photometric zero point; implies -fixwcs          False
+    -fitradialZP               radial zero-point gradient; implies -photcalib   False
     -plotformat=a,b            QA plot file formats                             ['png']
     -nootalevelplots           key otalevelplots: no per-OTA QA plots           True
     -qasubdirs                 QA plots in a subfolder                          False
@@ -45,8 +45,7 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -verbose                   more log output                                  False
     -profile                   one process, under cProfile                      False
     -update_persistency_only   accepted for compatibility, no effect            False
-    -pupilghost, -fringe, -fringevectors, -persistency, -nonsidereal, and for now
-    -photcalib, -fitradialZP
+    -pupilghost, -fringe, -fringevectors, -persistency, -nonsidereal
                                not available yet: stop with an error            None
     -pointing, -dither, -target
                                defunct: accepted with a warning, ignored        (no key)
@@ -78,8 +77,7 @@ DIRECTORY_OUTPUT_NAME = "collectcells.fits"
 DEFAULT_TIMEOUT = 900.0
 
 #: Flags of steps that later issues build (DECISIONS 16): parsed, then refused.
-NOT_AVAILABLE_FLAGS = ("photcalib", "fitradialZP", "pupilghost", "fringe",
-                       "fringevectors", "persistency", "nonsidereal")
+NOT_AVAILABLE_FLAGS = ("pupilghost", "fringe", "fringevectors", "persistency", "nonsidereal")
 
 #: Flags of the original that no longer do anything -> hint for the warning.
 DEFUNCT_FLAGS = {
@@ -302,9 +300,10 @@ FLAGS = (
     _switch("centralonly", "reduce only the central 3x3 OTAs"),
     _switch("noclobber", "skip the exposure if the output file exists"),
     _switch("bgmode", "background mode: less output"),
-    _switch("photcalib", "photometric zero point against a catalog, needs -fixwcs (not "
-            "available yet)"),
-    _switch("fitradialZP", "fit a radial gradient of the zero point (not available yet)"),
+    _switch("photcalib", "photometric zero point, sky brightness and depth against the "
+            "reference catalog's ugriz magnitudes; implies -fixwcs"),
+    _switch("fitradialZP", "also fit a radial gradient of the zero point (reported, not "
+            "applied); implies -photcalib"),
     Flag("plotformat", "plotformat", ["png"], "file formats of the QA plots", _word_list,
          metavar="=png,pdf"),
     _switch("nootalevelplots", "no per-OTA QA plots", key="otalevelplots", value=False),
@@ -400,6 +399,12 @@ def parse_commandline(argv):
         options["qasubdirs"] = True
     if options["prep4sex"] and "indefval" not in given:
         options["indefval"] = PREP4SEX_INDEFVAL
+    # Each calibration needs the one before: the radial fit the zero point, the zero
+    # point the stars' sky positions.
+    for step, needs in (("fitradialZP", "photcalib"), ("photcalib", "fixwcs")):
+        if options[step] and not options[needs]:
+            logger.info("-%s needs -%s: turned on", step, needs)
+            options[needs] = True
     _refuse_unavailable(given)
     return options
 

@@ -106,3 +106,53 @@ def reduced_object(object_exposure, true_cals, tmp_path_factory):
     output = tmp_path_factory.mktemp("reduced") / "object.fits"
     assert run_collectcells(object_exposure, output, f"-cals={true_cals}", "-ncpus=2") == 0
     return output
+
+
+# --- Star fields for the astrometry and photometry tests ----------------------------
+
+#: OTAs of the star fields: the central 2x2, so that every field spans OTA gaps.
+STAR_FIELD_OTAS = (33, 34, 43, 44)
+
+#: (pointing error dRA cos(dec), dDec in arcsec; rotator error in degrees)
+STAR_FIELD_ERRORS = [((45.0, -30.0), 0.4), ((150.0, 60.0), -1.0), ((-240.0, 180.0), 1.5)]
+
+
+def refcat_of(exposure):
+    """The simulator's reference catalog of an exposure."""
+    return exposure.parent / f"{exposure.name}.refcat.fits"
+
+
+@pytest.fixture(scope="session")
+def star_fields(tmp_path_factory):
+    """Three simulated fields with pointing and rotator errors, and their perfect masters."""
+    from podi_simulate import write_true_calibrations
+    root = tmp_path_factory.mktemp("starfields")
+    fields = []
+    for i, (error, rotation) in enumerate(STAR_FIELD_ERRORS):
+        spec = small_spec(otas=STAR_FIELD_OTAS, seed=40 + i, ra=150.0 + 3 * i, dec=30.0 + 10 * i,
+                          pointing_error=error, rotator_error=rotation)
+        fields.append(simulate_exposure(spec, root / f"field{i}", ncpus=2))
+    write_true_calibrations(small_spec(otas=STAR_FIELD_OTAS), root / "cals")
+    return fields, root / "cals"
+
+
+@pytest.fixture(scope="session")
+def calibrated_fields(star_fields, tmp_path_factory):
+    """Each star field reduced with -fixwcs -photcalib -fitradialZP.
+
+    Returns a list of (exposure, output file, the summary line printed).
+    """
+    import contextlib
+    import io
+    exposures, cals = star_fields
+    root = tmp_path_factory.mktemp("calibrated")
+    results = []
+    for i, exposure in enumerate(exposures):
+        output = root / f"field{i}.fits"
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            status = run_collectcells(exposure, output, f"-cals={cals}", "-fitradialZP",
+                                      f"-refcat={refcat_of(exposure)}")
+        assert status == 0
+        results.append((exposure, output, printed.getvalue().strip()))
+    return results

@@ -200,6 +200,19 @@ def test_later_issue_flags_are_not_available(flag, value):
         parse(f"-{flag}{value}")
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (("-photcalib",), {"photcalib": True, "fixwcs": True, "fitradialZP": False}),
+    (("-fitradialZP",), {"photcalib": True, "fixwcs": True, "fitradialZP": True}),
+    (("-fixwcs",), {"photcalib": False, "fixwcs": True, "fitradialZP": False}),
+])
+def test_calibrations_turn_on_the_steps_they_need(flags, expected, caplog):
+    with caplog.at_level(logging.INFO, logger="podi_commandline"):
+        options = parse(*flags)
+    assert {key: options[key] for key in expected} == expected
+    if flags == ("-photcalib",):
+        assert "-photcalib needs -fixwcs: turned on" in caplog.text
+
+
 def test_overscan_method_is_checked():
     with pytest.raises(OptionError, match="clippedmean, median"):
         parse("-overscan=mean")

@@ -9,30 +9,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from podi_simulate import simulate_exposure, write_true_calibrations
-from conftest import run_collectcells, small_spec
-
-WCS_OTAS = (33, 34, 43, 44)
-
-#: (pointing error dRA cos(dec), dDec in arcsec; rotator error in degrees)
-FIELDS = [((45.0, -30.0), 0.4), ((150.0, 60.0), -1.0), ((-240.0, 180.0), 1.5)]
-
-
-@pytest.fixture(scope="session")
-def wcs_fields(tmp_path_factory):
-    """Three simulated fields with pointing and rotator errors, and their masters."""
-    root = tmp_path_factory.mktemp("wcsfields")
-    fields = []
-    for i, (error, rotation) in enumerate(FIELDS):
-        spec = small_spec(otas=WCS_OTAS, seed=40 + i, ra=150.0 + 3 * i, dec=30.0 + 10 * i,
-                          pointing_error=error, rotator_error=rotation)
-        fields.append(simulate_exposure(spec, root / f"field{i}", ncpus=2))
-    write_true_calibrations(small_spec(otas=WCS_OTAS), root / "cals")
-    return fields, root / "cals"
-
-
-def _refcat(exposure):
-    return exposure.parent / f"{exposure.name}.refcat.fits"
+from conftest import STAR_FIELD_ERRORS, STAR_FIELD_OTAS as WCS_OTAS, refcat_of, run_collectcells
 
 
 def _true_offsets(exposure, hdus):
@@ -47,24 +24,21 @@ def _true_offsets(exposure, hdus):
     return np.concatenate(offsets)
 
 
-@pytest.mark.parametrize("field", range(len(FIELDS)))
-def test_fixwcs_recovers_the_true_wcs(wcs_fields, field, tmp_path):
-    exposures, cals = wcs_fields
-    exposure = exposures[field]
-    output = tmp_path / "out.fits"
+@pytest.mark.parametrize("field", range(len(STAR_FIELD_ERRORS)))
+def test_fixwcs_recovers_the_true_wcs(star_fields, calibrated_fields, field, tmp_path):
+    exposures, cals = star_fields
+    exposure, output, _ = calibrated_fields[field]
     # Without -fixwcs the pointing and rotator errors put stars arcseconds off.
     assert run_collectcells(exposure, tmp_path / "canned.fits", f"-cals={cals}") == 0
     with fits.open(tmp_path / "canned.fits") as hdus:
         assert np.median(_true_offsets(exposure, hdus)) > 5.0
-    assert run_collectcells(exposure, output, f"-cals={cals}", "-fixwcs",
-                            f"-refcat={_refcat(exposure)}") == 0
     with fits.open(output, checksum=True) as hdus:
         primary = hdus[0].header
         assert primary["WCSCAL"] is True and primary["WCS_QUAL"] > 4
         offsets = _true_offsets(exposure, hdus)
         assert np.sqrt(np.mean(offsets**2)) < 0.05
         assert primary["WCS_RMS"] < 0.05 and primary["WCS_NSRC"] > 30
-        assert primary["ASTRMCAT"] == _refcat(exposure).name
+        assert primary["ASTRMCAT"] == refcat_of(exposure).name
         assert primary["SEEING"] == pytest.approx(1.0, rel=0.05)   # the simulator's FWHM
         assert primary["SEEING_N"] > 100
         assert all(hdu.verify_checksum() == 1 for hdu in hdus)
@@ -74,22 +48,27 @@ def test_fixwcs_recovers_the_true_wcs(wcs_fields, field, tmp_path):
         assert len(hdus["CAT.WCSREF"].data) > 100
 
 
-def test_catalog_of_another_field_keeps_the_canned_wcs(wcs_fields, tmp_path, caplog):
-    exposures, cals = wcs_fields
-    elsewhere = Table.read(_refcat(exposures[0]))
+def test_catalog_of_another_field_keeps_the_canned_wcs_and_no_zero_point(star_fields, tmp_path, caplog):
+    exposures, cals = star_fields
+    elsewhere = Table.read(refcat_of(exposures[0]))
     elsewhere["dec"] += 0.5  # the same stars half a degree north: no match
     refcat = tmp_path / "elsewhere.fits"
     elsewhere.write(refcat)
     output = tmp_path / "out.fits"
-    assert run_collectcells(exposures[0], output, f"-cals={cals}", "-fixwcs", f"-refcat={refcat}") == 0
+    assert run_collectcells(exposures[0], output, f"-cals={cals}", "-photcalib", f"-refcat={refcat}") == 0
     assert "WCSCAL = F" in caplog.text
+    assert "no zero point without a calibrated WCS" in caplog.text
     with fits.open(output) as hdus:
-        assert hdus[0].header["WCSCAL"] is False
+        primary = hdus[0].header
+        assert primary["WCSCAL"] is False
+        assert primary["PHOTCAL"] is False and primary["PHOTMSG"] == "WCS not calibrated"
+        assert "PHOTZP" not in primary and "CAT.PHOTCALIB" not in hdus
+        assert hdus["CAT.ODI"].header["MAGCALIB"] is False
         assert hdus["OTA33.SCI"].header["CTYPE1"] == "RA---TPV"
 
 
-def test_fixwcs_without_a_catalog_stops(wcs_fields, tmp_path, monkeypatch, capsys):
-    exposures, cals = wcs_fields
+def test_fixwcs_without_a_catalog_stops(star_fields, tmp_path, monkeypatch, capsys):
+    exposures, cals = star_fields
     monkeypatch.delenv("PODI_REFCAT", raising=False)
     output = tmp_path / "out.fits"
     assert run_collectcells(exposures[0], output, f"-cals={cals}", "-fixwcs") == 1
@@ -101,13 +80,13 @@ SOURCE_EXTRACTOR = shutil.which("source-extractor") or shutil.which("sex")
 
 
 @pytest.mark.skipif(SOURCE_EXTRACTOR is None, reason="source-extractor is not installed")
-def test_source_extractor_reads_our_wcs(wcs_fields, tmp_path):
+def test_source_extractor_reads_our_wcs(star_fields, tmp_path):
     """SExtractor, run on a -prep4sex output, puts the stars at their true RA/Dec."""
-    exposures, cals = wcs_fields
+    exposures, cals = star_fields
     exposure = exposures[0]
     output = tmp_path / "sex.fits"
     assert run_collectcells(exposure, output, f"-cals={cals}", "-fixwcs", "-prep4sex",
-                            f"-refcat={_refcat(exposure)}") == 0
+                            f"-refcat={refcat_of(exposure)}") == 0
     params = tmp_path / "sex.param"
     params.write_text("XWIN_IMAGE\nYWIN_IMAGE\nALPHAWIN_J2000\nDELTAWIN_J2000\nFLAGS\nSNR_WIN\n")
     config = tmp_path / "empty.sex"

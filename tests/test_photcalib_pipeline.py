@@ -1,0 +1,154 @@
+"""-photcalib through the whole program on simulated pixels, against the truth.
+
+The star fields are those of the astrometry tests (``conftest.star_fields``), reduced
+once per session with -fitradialZP (which turns on -photcalib and -fixwcs).
+"""
+
+import math
+import re
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+from scipy.spatial import cKDTree
+
+import podi_photcalib
+import podi_wcs
+from conftest import STAR_FIELD_ERRORS, refcat_of, run_collectcells
+
+
+def truth_of(exposure):
+    return fits.getheader(exposure.parent / f"{exposure.name}.truth.fits")
+
+
+def median_pixel_scale(hdus):
+    """Median over the OTAs of the local pixel scale (arcsec/px) at their centres."""
+    return float(np.median([podi_wcs.local_pixel_scale(WCS(hdu.header), hdu.data.shape[1] / 2,
+                                                       hdu.data.shape[0] / 2)
+                            for hdu in hdus if hdu.name.endswith(".SCI")]))
+
+
+@pytest.mark.parametrize("field", range(len(STAR_FIELD_ERRORS)))
+def test_zero_point_sky_and_depth_match_the_truth(calibrated_fields, field):
+    exposure, output, _ = calibrated_fields[field]
+    truth = truth_of(exposure)
+    with fits.open(output) as hdus:
+        primary = hdus[0].header
+        scale = median_pixel_scale(hdus)
+        photcalib = Table(hdus["CAT.PHOTCALIB"].data)
+        photcalib_header = hdus["CAT.PHOTCALIB"].header
+    assert primary["PHOTCAL"] is True and primary["PHOTZP_N"] >= 20
+    # DECISIONS 12: PHOTZP is the 3" aperture zero point, APCORR takes it to total flux.
+    assert primary["PHOTZP"] == pytest.approx(truth["PHOTZP3"], abs=0.01)
+    assert primary["PHOTZP"] + primary["APCORR"] == pytest.approx(truth["PHOTZPT"], abs=0.01)
+    assert primary["APCORR_N"] >= 5 and 0 < primary["APCORRER"] < 0.02
+    assert primary["PHOTZP_X"] == pytest.approx(primary["PHOTZP"] + 2.5 * math.log10(truth["EXPTIME"]),
+                                                abs=1e-4)
+    assert primary["MAGZERO"] == primary["PHOTZP"] and primary["MAGZERR"] == primary["PHOTZPER"]
+    assert primary["MAGZ_AM1"] == pytest.approx(primary["PHOTZP"] + (primary["AIRMASS"] - 1) * 0.12,
+                                                abs=1e-4)
+    assert primary["PHOTZP_N"] <= primary["PHOTZPN0"] == len(photcalib)
+    assert photcalib["ZP_USED"].sum() == primary["PHOTZP_N"]
+    assert photcalib_header["EXPTIME"] == truth["EXPTIME"] and photcalib_header["FILTER"] == "odi_r"
+
+    assert primary["SKYLEVEL"] == pytest.approx(truth["SKY_ADU"], rel=0.002)
+    assert primary["SEEING"] == pytest.approx(truth["FWHM"], rel=0.05)
+    # The sky is extended: its surface brightness uses the total-flux zero point.
+    exposure_zp = truth["PHOTZPT"] + 2.5 * math.log10(truth["EXPTIME"])
+    true_skymag = exposure_zp - 2.5 * math.log10(truth["SKY_ADU"] / scale**2)
+    assert primary["SKYMAG"] == pytest.approx(true_skymag, abs=0.015)
+    # PHOTDPTH: a point source of that magnitude has S/N 5 in an aperture of radius
+    # FWHM, whose noise is the measured pixel noise over the aperture's area.
+    depth_flux = 10 ** (-0.4 * (primary["PHOTDPTH"] - primary["PHOTZP_X"] - primary["APCORR"]))
+    in_aperture = depth_flux * podi_photcalib.moffat_enclosed(1.0, 1.0, truth["MOFFBETA"])
+    noise = primary["SKYNOISE"] * math.sqrt(math.pi) * primary["SEEING"] / scale
+    assert in_aperture / noise == pytest.approx(5.0, rel=1e-3)
+    # No radial gradient in the simulator: the fit finds none.
+    assert primary["RADZPFIT"] is True
+    assert abs(primary["RADZP_P1"]) < 3 * primary["RADZP_E1"] + 0.01
+
+
+def test_aperture_fluxes_match_the_truth(calibrated_fields):
+    """Isolated, unflagged stars: 3" aperture flux = true flux x the Moffat PSF's 3"
+    fraction, within the reported errors."""
+    ratios, pulls = [], []
+    for exposure, output, _ in calibrated_fields:
+        truth = truth_of(exposure)
+        stars = Table(fits.getdata(exposure.parent / f"{exposure.name}.truth.fits", "STARS"))
+        with fits.open(output) as hdus:
+            catalog = Table(hdus["CAT.ODI"].data)
+            zeropoint = hdus["CAT.ODI"].header["MAGZP"]
+            saturate = hdus[0].header["SATURATE"]
+        assert hdus["CAT.ODI"].header["MAGCALIB"] is True
+        for ota in np.unique(catalog["OTA"]):
+            mine = catalog[(catalog["OTA"] == ota) & (catalog["FLAGS"] == 0)]
+            true = stars[stars["ota"] == ota]
+            positions = np.c_[true["x"] + 1, true["y"] + 1]
+            # Isolated: no other star within 20 binned pixels (4.5") brighter than 5 mag
+            # below it.
+            tree = cKDTree(positions)
+            isolated = np.array([not any(j != i and true["mag"][j] < true["mag"][i] + 5
+                                         for j in tree.query_ball_point(p, 20))
+                                 for i, p in enumerate(positions)])
+            distance, index = tree.query(np.c_[mine["XWIN"], mine["YWIN"]])
+            use = (distance < 0.5) & isolated[index] & (mine["FLUX_MAX"] < 0.5 * saturate)
+            flux = 10 ** (-0.4 * (mine["MAG_D30"][use] - zeropoint))
+            error = flux * mine["MAGERR_D30"][use] / 1.0857
+            expected = true["flux_e"][index[use]] * truth["FLATNRMA"] * truth["APFRAC3"]
+            good = flux / error > 20
+            ratios.append((flux / expected)[good])
+            pulls.append(((flux - expected) / error)[good])
+    ratios, pulls = np.concatenate(ratios), np.concatenate(pulls)
+    assert len(ratios) > 100
+    assert np.median(ratios) == pytest.approx(1.0, abs=0.005)
+    robust_sigma = 1.4826 * np.median(np.abs(pulls - np.median(pulls)))
+    assert 0.7 < robust_sigma < 1.4
+
+
+def test_calibrated_catalog_magnitudes(calibrated_fields):
+    """CAT.ODI MAG_D30 = instrumental + PHOTZP_X + APCORR: for stars the true magnitude
+    plus the 3" aperture loss (DECISIONS 12)."""
+    exposure, output, _ = calibrated_fields[0]
+    truth = truth_of(exposure)
+    with fits.open(output) as hdus:
+        catalog = Table(hdus["CAT.ODI"].data)
+        primary = hdus[0].header
+        assert hdus["CAT.ODI"].header["MAGZP"] == pytest.approx(primary["PHOTZP_X"] + primary["APCORR"],
+                                                                abs=1e-5)
+        photcalib = Table(hdus["CAT.PHOTCALIB"].data)
+    used = photcalib[photcalib["ZP_USED"]]
+    rows = cKDTree(np.c_[catalog["RA"], catalog["DEC"]]).query(np.c_[used["ODI_RA"], used["ODI_DEC"]])[1]
+    offset = catalog["MAG_D30"][rows] - used["REF_MAG_R"]
+    assert np.median(offset) == pytest.approx(-2.5 * math.log10(truth["APFRAC3"]), abs=0.01)
+
+
+def test_summary_line(calibrated_fields):
+    _, output, printed = calibrated_fields[0]
+    with fits.open(output) as hdus:
+        primary = hdus[0].header
+    line = printed.splitlines()[-1]
+    assert re.fullmatch(
+        rf"o\S+: 4 OTAs reduced, 0 failed, seeing {primary['SEEING']:.2f}\", "
+        rf"ZP {primary['PHOTZP']:.3f}\+-{primary['PHOTZPER']:.3f}, sky {primary['SKYMAG']:.2f} "
+        rf"mag/arcsec2, depth {primary['PHOTDPTH']:.2f} \(5 sigma\), WCS rms "
+        rf"{primary['WCS_RMS']:.3f}\", \d+\.\d s -> {re.escape(str(output))}", line)
+
+
+def test_catalog_without_the_band_gives_no_zero_point(star_fields, tmp_path, caplog):
+    exposures, cals = star_fields
+    reference = Table.read(refcat_of(exposures[1]))
+    reference.remove_columns(["r", "r_err"])
+    refcat = tmp_path / "no_r.fits"
+    reference.write(refcat)
+    output = tmp_path / "out.fits"
+    assert run_collectcells(exposures[1], output, f"-cals={cals}", "-photcalib", f"-refcat={refcat}") == 0
+    assert "reference catalog has no r magnitudes" in caplog.text
+    with fits.open(output) as hdus:
+        primary = hdus[0].header
+        assert primary["WCSCAL"] is True and primary["PHOTCAL"] is False
+        assert primary["PHOTMSG"] == "reference catalog has no r magnitudes"
+        assert not {"PHOTZP", "MAGZERO", "APCORR", "SKYMAG", "PHOTDPTH"} & set(primary)
+        assert hdus["CAT.ODI"].header["MAGCALIB"] is False
+        assert len(hdus["CAT.PHOTCALIB"].data) == 0
