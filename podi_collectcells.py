@@ -654,7 +654,9 @@ def photometric_calibration(catalog, reference, products, first_header, options,
     airmass = first_header.get("AIRMASS")
     result = podi_photcalib.calibrate(catalog, reference, normalised_filter_name(first_header),
                                       exptime, airmass=float(airmass) if airmass is not None else None,
-                                      catalog_name=name, radial_centre=centre)
+                                      catalog_name=name, radial_centre=centre,
+                                      colour_terms=podi_photcalib.ORIGINAL_COLOUR_TERMS
+                                      if options.get("colourterms") else None)
     table = fits.BinTableHDU(result.table, name="CAT.PHOTCALIB")
     for key in PHOTCALIB_HEADER_KEYWORDS:
         if key in first_header:
@@ -692,7 +694,7 @@ def summary_line(base, primary, output, seconds):
     if primary.get("SEEING", -1) > 0:
         parts.append(f"seeing {primary['SEEING']:.2f}\"")
     if primary.get("PHOTCAL"):
-        parts.append(f"ZP {primary['PHOTZP']:.3f}+-{primary['PHOTZPER']:.3f}")
+        parts.append(f"ZP {primary['PHOTZP']:.4f}+-{primary['PHOTZPER']:.4f}")
     elif "PHOTCAL" in primary:
         parts.append("no ZP")
     if "SKYMAG" in primary:

@@ -33,6 +33,7 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -bgmode                    quiet background mode                            False
     -photcalib                 photometric zero point; implies -fixwcs          False
     -fitradialZP               radial zero-point gradient; implies -photcalib   False
+    -colourterms               the original's colour terms in -photcalib        False
     -plotformat=a,b            QA plot file formats                             ['png']
     -nootalevelplots           key otalevelplots: no per-OTA QA plots           True
     -qasubdirs                 QA plots in a subfolder                          False
@@ -304,6 +305,8 @@ FLAGS = (
             "reference catalog's ugriz magnitudes; implies -fixwcs"),
     _switch("fitradialZP", "also fit a radial gradient of the zero point (reported, not "
             "applied); implies -photcalib"),
+    _switch("colourterms", "apply the original's colour terms in -photcalib: odi_g 0.16 (g-r), "
+            "odi_z -0.1277 (i-z)"),
     Flag("plotformat", "plotformat", ["png"], "file formats of the QA plots", _word_list,
          metavar="=png,pdf"),
     _switch("nootalevelplots", "no per-OTA QA plots", key="otalevelplots", value=False),

@@ -88,6 +88,11 @@ DETECTION_BLOCKS = (4, 2)
 #: Smallest stellar FWHM (pixels of the detection image) worth detecting on.
 MIN_DETECTION_FWHM = 2.0
 
+#: A detection whose brightest pixel exceeds this many times its peak block's mean
+#: is a cosmic ray or hot pixel (:func:`spiky_detections`); stars stay below ~1.3
+#: apart from noise.
+SPIKE_RATIO = 3.0
+
 #: The original's aperture diameters (arcsec) by their column tag: MAG_D05 ... MAG_D35.
 APERTURE_DIAMETERS = {"05": 0.5, "08": 0.8, "10": 1.0, "15": 1.5, "20": 2.0, "25": 2.5,
                       "30": 3.0, "35": 3.5}
@@ -535,6 +540,8 @@ def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binnin
         return _table([], {"FWHM": math.nan, "NREJECT": 0, "APERTURE": math.nan,
                            "APCORR": np.zeros(0)})
 
+    spiky = spiky_detections(image, objects, back, rms, factor)
+    objects = objects[~spiky]
     # Block (i, j) of the detection image covers pixels factor*i ... factor*i + factor-1,
     # so its centre is at factor*i + (factor-1)/2.
     ix, iy = (np.clip(np.rint(objects[c]).astype(int), 0, n - 1)
@@ -546,7 +553,8 @@ def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binnin
     radii = {tag: diameter / 2 / pixel_scale for tag, diameter in APERTURE_DIAMETERS.items()}
     stamps = StampMosaic(image, factor * objects["x"] + (factor - 1) / 2,
                          factor * objects["y"] + (factor - 1) / 2, background,
-                         int(math.ceil(max(MAX_SHAPE_HALF, *radii.values(), 1.5 * 2.5 * fwhm_px))) + 3)
+                         # Room for an adaptive aperture of stars up to twice the seeing.
+                         int(math.ceil(max(MAX_SHAPE_HALF, *radii.values(), 2 * 1.5 * fwhm_px))) + 3)
     reach = stamps.half - 1
     data = stamps.data
     x, y = stamps.to_mosaic(factor * objects["x"] + (factor - 1) / 2,
@@ -593,13 +601,49 @@ def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binnin
                "ELLIPTICITY": 1 - bwin / awin, "FLAGS": flags,
                "OTA": np.full(len(flux), ota, np.int16)}
     table = _table([columns[name] for name in COLUMNS],
-                   {"FWHM": stellar_fwhm, "NREJECT": int((~keep).sum()), "APERTURE": float(radius),
-                    "APCORR": apcorr})[keep]
-    log.info("OTA %02d: %d sources (%d sharp, %d concentrated, %d duplicates removed), "
-             "FWHM %.2f px, aperture radius %.2f px, %.2f s", ota, len(table), sharp.sum(),
-             (concentrated & ~sharp).sum(), (~keep & ~sharp & ~concentrated).sum(),
-             stellar_fwhm, radius, time.perf_counter() - start)
+                   {"FWHM": stellar_fwhm, "NREJECT": int(spiky.sum() + (~keep).sum()),
+                    "APERTURE": float(radius), "APCORR": apcorr})[keep]
+    log.info("OTA %02d: %d sources (%d spiky, %d sharp, %d concentrated, %d duplicates "
+             "removed), FWHM %.2f px, aperture radius %.2f px, %.2f s", ota, len(table),
+             spiky.sum(), sharp.sum(), (concentrated & ~sharp).sum(),
+             (~keep & ~sharp & ~concentrated).sum(), stellar_fwhm, radius,
+             time.perf_counter() - start)
     return table
+
+
+def spiky_detections(image, objects, back, rms, factor):
+    """Which detections are cosmic rays or hot pixels, judged before measuring them.
+
+    Their light sits in a few pixels, so the brightest pixel of the detection's peak
+    block far exceeds the block mean; a star, at least :data:`MIN_DETECTION_FWHM`
+    blocks wide, is nearly flat across one block. A detection is spiky if its
+    brightest pixel (above the background) exceeds :data:`SPIKE_RATIO` times the
+    block mean by more than 5 times the pixel noise: the noise of faint stars alone
+    never qualifies. Always False for ``factor = 1`` (no blocks).
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The full-resolution image.
+    objects : numpy.ndarray
+        sep's detections on the block-mean image (``xpeak``, ``ypeak``, ``peak``
+        above the background).
+    back, rms : numpy.ndarray
+        Background and noise maps of the block-mean image.
+    factor : int
+        Block size.
+    """
+    if factor == 1:
+        return np.zeros(len(objects), bool)
+    xpeak, ypeak = objects["xpeak"], objects["ypeak"]
+    offsets = np.arange(factor)
+    rows = (factor * ypeak)[:, None, None] + offsets[None, :, None]
+    cols = (factor * xpeak)[:, None, None] + offsets[None, None, :]
+    # The peak block has data in every pixel: a block with an undefined pixel is
+    # undefined itself and cannot be a detection's peak.
+    brightest = image[rows, cols].max(axis=(1, 2)) - back[ypeak, xpeak]
+    excess = brightest - SPIKE_RATIO * objects["peak"]
+    return (excess > 0) & (excess > 5 * factor * rms[ypeak, xpeak])
 
 
 def reject_concentrated(peak, flux, noise, stellar):

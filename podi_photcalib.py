@@ -66,6 +66,10 @@ REFERENCE_BAND = {"odi_g": "g", "odi_r": "r", "odi_i": "i", "odi_z": "z", "odi_u
 #: Atmospheric extinction (mag/airmass) for ``MAGZ_AM1``. g r i z are the original's
 #: values; u (which the original lacked) is the typical Kitt Peak / SDSS u-band value.
 EXTINCTION = {"u": 0.50, "g": 0.20, "r": 0.12, "i": 0.058, "z": 0.04}
+#: The original's colour terms (facts 4.7 item 6), filter -> (c, band1, band2):
+#: m_ref <- m_ref - c (m_band1 - m_band2). Off unless asked for (``-colourterms``):
+#: they belong to SDSS and the original's filters (DECISIONS 12).
+ORIGINAL_COLOUR_TERMS = {"odi_g": (0.16, "g", "r"), "odi_z": (-0.1277, "i", "z")}
 #: The original's reference zero points (mag, 1 s, 3" aperture), keyword ``MAGZREF``.
 MAGZREF = {"g": 26.0, "r": 26.1, "i": 25.6, "z": 24.6}
 #: Aperture diameter tags of ``CAT.ODI`` (0.5 ... 3.5 arcsec) and the calibration one.

@@ -323,9 +323,10 @@ def test_keywords_make_valid_header_cards(standard):
 # --- Colour term ------------------------------------------------------------------------------
 
 def test_colour_term():
-    colour_term = (0.16, "g", "r")
+    colour_term = pc.ORIGINAL_COLOUR_TERMS["odi_g"]
+    assert colour_term == (0.16, "g", "r")
     field = make_field(seed=31, density=2000.0, filter_name="odi_g", colour_term=colour_term)
-    with_term = calibrate(field, "odi_g", colour_terms={"odi_g": colour_term})
+    with_term = calibrate(field, "odi_g", colour_terms=pc.ORIGINAL_COLOUR_TERMS)
     assert with_term.success, with_term.message
     assert abs(with_term.zeropoint - TRUE_ZP) < max(3 * with_term.zeropoint_error, 0.005)
     assert with_term.keywords["MAGZ_COL"][0] == "g-r"
@@ -336,7 +337,7 @@ def test_colour_term():
     assert without.zeropoint - TRUE_ZP > 0.08
     assert without.keywords["MAGZ_COL"][0] == "none"
     # A colour term for another filter does not apply.
-    other = calibrate(field, "odi_g", colour_terms={"odi_z": (-0.1277, "i", "z")})
+    other = calibrate(field, "odi_g", colour_terms={"odi_z": pc.ORIGINAL_COLOUR_TERMS["odi_z"]})
     assert other.zeropoint == without.zeropoint
 
 

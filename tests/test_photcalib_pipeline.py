@@ -131,7 +131,7 @@ def test_summary_line(calibrated_fields):
     line = printed.splitlines()[-1]
     assert re.fullmatch(
         rf"o\S+: 4 OTAs reduced, 0 failed, seeing {primary['SEEING']:.2f}\", "
-        rf"ZP {primary['PHOTZP']:.3f}\+-{primary['PHOTZPER']:.3f}, sky {primary['SKYMAG']:.2f} "
+        rf"ZP {primary['PHOTZP']:.4f}\+-{primary['PHOTZPER']:.4f}, sky {primary['SKYMAG']:.2f} "
         rf"mag/arcsec2, depth {primary['PHOTDPTH']:.2f} \(5 sigma\), WCS rms "
         rf"{primary['WCS_RMS']:.3f}\", \d+\.\d s -> {re.escape(str(output))}", line)
 
