@@ -133,3 +133,55 @@ def test_agrees_with_sextractor(realdata):
     np.testing.assert_allclose(mine["FLUX"], flux[common], rtol=0.02)
     # Our errors use the local rms map, SExtractor's the global rms: a few percent apart.
     np.testing.assert_allclose(mine["FLUX_ERR"], flux_err[common], rtol=0.05)
+
+
+@pytest.fixture(scope="module")
+def unbinned_field():
+    """A 2048 px unbinned field: Moffat stars of 1" FWHM on a 1000 e- sky, gain 1,
+    read noise 8 e-, and 150 cosmic-ray hits of one or two pixels."""
+    from podi_simulate import render_stars
+    rng = np.random.default_rng(11)
+    size, fwhm = 2048, 1.0 / pf.PIXEL_SCALE
+    x, y = rng.uniform(40, size - 40, (2, 150))
+    flux = 10 ** rng.uniform(3.5, 6.0, 150)
+    image = np.full((size, size), 1000.0, np.float32)
+    render_stars(image, x, y, flux, fwhm, 3.5)
+    image = (rng.poisson(image) + rng.normal(0, 8, image.shape)).astype(np.float32)
+    hx, hy = rng.integers(5, size - 6, (2, 150))
+    image[hy, hx] += rng.uniform(300, 20000, 150).astype(np.float32)
+    image[hy[::2], hx[::2] + 1] += 2000
+    table = pf.find_sources(image, 33, gain=1.0, read_noise=8.0, binning=1)
+    return table, x, y, flux, fwhm
+
+
+def test_unbinned_images_are_detected_on_blocks_and_measured_at_full_resolution(unbinned_field):
+    table, x, y, flux, fwhm = unbinned_field
+    assert pf.detection_binning((2048, 2048), fwhm) == 4
+    tree = cKDTree(np.c_[x + 1, y + 1])
+    isolated = tree.query(np.c_[x + 1, y + 1], k=2)[0][:, 1] > 4 * fwhm
+    distance, index = tree.query(np.c_[table["XWIN"], table["YWIN"]])
+    # Every detection is a star (faint ones and unresolved pairs a few pixels off): the
+    # hits were rejected, most before measuring.
+    assert (distance < fwhm).all()
+    significant = (table["FLAGS"] == 0) & (table["FLUX"] / table["FLUX_ERR"] > 10) & isolated[index]
+    assert (distance[significant] < 1).all()
+    assert table.meta["NREJECT"] > 100  # the faintest hits are below the threshold
+    clean = (table["FLAGS"] == 0) & isolated[index]
+    bright = clean & (table["FLUX"] / table["FLUX_ERR"] > 50)
+    assert bright.sum() > 40
+    assert np.median(np.abs(table["XWIN"][bright] - (x[index[bright]] + 1))) < 0.02
+    assert np.median(np.abs(table["YWIN"][bright] - (y[index[bright]] + 1))) < 0.02
+    assert np.median(table["FWHM_IMAGE"][bright]) == pytest.approx(fwhm, rel=0.03)
+    assert np.median(table["FWHM_WORLD"][bright]) * 3600 == pytest.approx(1.0, rel=0.03)
+    # 3" aperture: the true flux times the Moffat fraction inside 1.5", within the errors.
+    fraction = 1 - (1 + (1.5 / moffat_alpha(1.0, 3.5)) ** 2) ** (1 - 3.5)
+    measured = 10 ** (-0.4 * table["MAG_D30"][clean])
+    error = measured * table["MAGERR_D30"][clean] / 1.0857
+    expected = flux[index[clean]] * fraction
+    assert np.median(measured[bright[clean]] / expected[bright[clean]]) == pytest.approx(1.0, abs=0.005)
+    pulls = (measured - expected) / error
+    assert 0.7 < 1.4826 * np.median(np.abs(pulls - np.median(pulls))) < 1.4
+    # Aperture correction of the bright isolated stars: 3" to 4 FWHM of the Moffat profile.
+    total = 1 - (1 + (4.0 / moffat_alpha(1.0, 3.5)) ** 2) ** (1 - 3.5)
+    assert len(table.meta["APCORR"]) >= 5
+    assert np.median(table.meta["APCORR"]) == pytest.approx(2.5 * math.log10(total / fraction), abs=0.005)

@@ -425,3 +425,28 @@ def test_missing_reference_bands_are_nan(standard):
     assert np.isnan(table["REF_MAG_U"]).all() and np.isnan(table["REF_ERR_U"]).all()
     assert np.isnan(table["REF_MAG_Z"]).all()
     assert np.isfinite(table["REF_MAG_G"]).all()
+
+
+# --- Aperture correction and the frame's sky keywords ----------------------------------------
+
+def test_aperture_correction_from_stars_and_from_the_model():
+    rng = np.random.default_rng(8)
+    measured = pc.aperture_correction(0.074 + 0.01 * rng.standard_normal(400), SEEING)
+    assert measured["APCORR"][0] == pytest.approx(0.074, abs=3 * measured["APCORRER"][0])
+    assert 0.0004 < measured["APCORRER"][0] < 0.001  # 1.25 x 0.01 / sqrt(400)
+    assert measured["APCORR_N"][0] == 400 and "median of stars" in measured["APCORR"][1]
+    # Too few stars: the Moffat PSF of the seeing, 3" diameter against total flux.
+    model = pc.aperture_correction([0.07, np.nan], SEEING)
+    fraction = podi_simulate.moffat_enclosed(1.5, SEEING, BETA)
+    assert model["APCORR"][0] == pytest.approx(-2.5 * math.log10(fraction), abs=1e-5)
+    assert model["APCORRER"][0] == -1.0 and model["APCORR_N"][0] == 1
+    assert "Moffat" in model["APCORR"][1]
+
+
+def test_sky_and_depth_keywords():
+    keywords = pc.sky_and_depth(32.0, 1000.0, 20.0, 0.11, 1.2)
+    assert keywords["SKYMAG"][0] == pytest.approx(pc.sky_brightness(1000.0, 0.11, 32.0), abs=1e-4)
+    assert keywords["PHOTDPTH"][0] == pytest.approx(pc.point_source_depth(20.0, 0.11, 1.2, 32.0),
+                                                    abs=1e-4)
+    assert "5-sigma" in keywords["PHOTDPTH"][1]
+    assert pc.sky_and_depth(32.0, -5.0, 20.0, 0.11, -1.0) == {}
