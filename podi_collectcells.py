@@ -710,6 +710,33 @@ def summary_line(base, primary, output, seconds):
     return f"{base}: {', '.join(parts)}, {seconds:.1f} s -> {output}"
 
 
+def frame_calibrations(products, refcat, first_header, options, size):
+    """``-fixwcs`` and ``-photcalib`` on the collected OTAs.
+
+    Updates the OTA headers (and header texts) of ``products``; the caller writes them.
+
+    Returns
+    -------
+    (dict, list)
+        Primary keywords, and the tables ``CAT.WCSREF``, ``WCSCAL.CAT``, ``CAT.ODI``
+        and (with ``-photcalib``) ``CAT.PHOTCALIB``, in output order.
+    """
+    reference = reference_stars(refcat, first_header)
+    calibrated, keywords, tables = astrometric_calibration(products, reference, options, size)
+    catalog = source_catalog(products)
+    photcalib_tables = []
+    if options.get("photcalib") and not calibrated:
+        logger.warning("-photcalib: no zero point without a calibrated WCS (PHOTCAL = F)")
+        keywords.update(PHOTCAL=(False, "photometric calibration done"),
+                        PHOTMSG=("WCS not calibrated", "why there is no zero point"))
+    elif options.get("photcalib"):
+        photometry, photcalib_tables = photometric_calibration(
+            catalog, reference, products, first_header, options, keywords["SEEING"][0])
+        keywords.update(photometry)
+    # Made after the photometry, which calibrates the catalog's magnitudes.
+    return keywords, tables + [catalog_hdu(catalog)] + photcalib_tables
+
+
 # --- The whole frame ----------------------------------------------------------------------
 
 def exposure_header(exposure):
@@ -785,21 +812,9 @@ def collectcells(options, argv=()):
             raise ReductionError(f"timed out after {options['timeout']:g} s; no output written")
         keywords, tables = {}, []
         if options.get("fixwcs"):
-            reference = reference_stars(refcat, first_header)
-            calibrated, keywords, tables = astrometric_calibration(products, reference, options, size)
+            keywords, tables = frame_calibrations(products, refcat, first_header, options, size)
             for ota, offset in sink.offsets.items():
                 stream.patch_header(offset, products[ota]["header_text"])
-            catalog = source_catalog(products)
-            if options.get("photcalib") and not calibrated:
-                logger.warning("-photcalib: no zero point without a calibrated WCS (PHOTCAL = F)")
-                keywords.update(PHOTCAL=(False, "photometric calibration done"),
-                                PHOTMSG=("WCS not calibrated", "why there is no zero point"))
-            elif options.get("photcalib"):
-                photometry, photcalib_tables = photometric_calibration(
-                    catalog, reference, products, first_header, options, keywords["SEEING"][0])
-                keywords.update(photometry)
-                tables += photcalib_tables
-            tables.insert(2, catalog_hdu(catalog))
         for table in tables + [association_table(products)]:
             stream.add_table(table)
         primary = primary_header(first_header, products, failures, options, argv)

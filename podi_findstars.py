@@ -1,7 +1,15 @@
-"""Source detection on one reduced OTA with ``sep`` (the ``CAT.ODI`` catalog of an OTA).
+"""Source detection and aperture photometry on one reduced OTA with ``sep`` (``CAT.ODI``).
 
 :func:`find_sources` runs on the reduced pixels of one OTA while they are in memory
 (in the per-OTA worker of ``podi_collectcells``) and returns one table row per source.
+
+Speed
+-----
+Detection runs on block means (4x4 or 2x2 pixels, :func:`detection_binning`) where
+stars are well sampled, which costs a fraction of a full-resolution pass. Every
+measurement is then made at full resolution on background-subtracted cut-outs
+stacked into one small image (:class:`StampMosaic`), so no full-size copy of the OTA
+is made.
 
 Pixel conventions
 -----------------
@@ -9,6 +17,13 @@ numpy arrays are indexed ``image[y, x]``; ``sep`` and this module's internals us
 0-based pixel coordinates where the centre of the first pixel is (0, 0). The output
 columns ``X``, ``Y``, ``XWIN``, ``YWIN`` follow the FITS / SExtractor convention: the
 centre of the first pixel is (1, 1), i.e. output = 0-based + 1.
+
+Photometry
+----------
+Circular apertures of the original's diameters (:data:`APERTURE_DIAMETERS`,
+0.5 ... 3.5", through the OTA's local pixel scale), centred on the windowed
+position, exact pixel overlap, undefined pixels left out. Errors: the local pixel
+noise over the aperture's area and, with a gain, the source's Poisson noise.
 
 Flags
 -----
@@ -18,17 +33,20 @@ bits, although the meanings are close):
 ==  ======================  =====================================================
 1   ``FLAG_BLENDED``        sep deblended the source from a neighbour
 2   ``FLAG_SATURATED``      peak + background >= the saturation level
-4   ``FLAG_NEAR_UNDEFINED`` an undefined (NaN) pixel inside the flux aperture:
+4   ``FLAG_NEAR_UNDEFINED`` an undefined (NaN) pixel inside the largest aperture:
                             cell gap, broken cell, masked bad pixel
-8   ``FLAG_TRUNCATED``      the object or its aperture reaches the image edge
+8   ``FLAG_TRUNCATED``      the object or its largest aperture reaches the image edge
 16  ``FLAG_SEP_OTHER``      any other flag sep raised (overflow, singular
                             moments, aperture problems)
 ==  ======================  =====================================================
 
 Cosmic rays and hot pixels
 --------------------------
-They pass detection (they are significant), and are removed afterwards as sources much
-sharper than the PSF; see :func:`reject_sharp`.
+They pass detection (they are significant). Most are dropped right after it because
+their brightest pixel stands far above their block's mean
+(:func:`spiky_detections`); the rest are removed after measurement as sources much
+sharper than the PSF (:func:`reject_sharp`) or with too much flux in one pixel
+(:func:`reject_concentrated`).
 """
 
 import logging
@@ -453,11 +471,13 @@ def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binnin
     equivalents, 3x3 median filter) with the NaN pixels masked, extraction at
     ``threshold`` times the local background rms after filtering with a Gaussian of
     the nominal seeing (at most 7x7 pixels), minimum area ``max(2, 5 // b)`` pixels
-    for a detection image of binning ``b``, sep's default deblending. Everything else
-    is measured on the full-resolution image minus that background: half-light
-    radius, windowed centroid, FWHM, peak, windowed shape, the adaptive aperture
-    flux, the eight aperture fluxes of :data:`APERTURE_DIAMETERS`, flags, and
-    finally the rejection of sharp sources (:func:`reject_sharp`).
+    for a detection image of binning ``b``, sep's default deblending; then the
+    rejection of spiky detections (:func:`spiky_detections`). Everything else is
+    measured on the full-resolution image minus that background: half-light radius,
+    windowed centroid, FWHM, peak, windowed shape, the adaptive aperture flux, the
+    eight aperture fluxes of :data:`APERTURE_DIAMETERS`, flags, the per-star aperture
+    corrections of bright isolated stars, and finally the rejection of sharp and
+    concentrated sources and duplicates.
 
     Parameters
     ----------

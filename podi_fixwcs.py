@@ -412,8 +412,11 @@ def _frame_header(header, similarity, plane, ota_size):
 
 # --- Matching -----------------------------------------------------------------------------
 
-def _match(src_xy, ref_tree, radius):
-    """One-to-one nearest-neighbour pairs within radius (arcsec).
+def match_nearest(src_xy, ref_tree, radius):
+    """One-to-one nearest-neighbour pairs within ``radius`` (in the tree's units).
+
+    ``src_xy`` holds the source coordinates per axis, ``ref_tree`` a
+    :class:`scipy.spatial.cKDTree` of the reference positions.
 
     Returns
     -------
@@ -739,7 +742,7 @@ def _frame_fit(catalog, ref_tree, ref_area, vote, radius):
     used = 0
     for _ in range(2):
         moved = _apply_similarity(params, catalog.xi, catalog.eta)
-        src_index, ref_index = _match(moved, ref_tree, radius)
+        src_index, ref_index = match_nearest(moved, ref_tree, radius)
         if len(src_index) < MIN_MATCHES:
             return None
         src = (catalog.xi[src_index], catalog.eta[src_index])
@@ -765,7 +768,7 @@ def _refine_otas(catalog, headers, similarity, ref_tree, reference, radius, min_
                  ota_size):
     """Frame solution in every header, then each OTA's own fit where it has the stars."""
     moved = _apply_similarity(similarity, catalog.xi, catalog.eta)
-    src_index, ref_index = _match(moved, ref_tree, radius)
+    src_index, ref_index = match_nearest(moved, ref_tree, radius)
     refined, ota_keywords = {}, {}
     for ota, header in headers.items():
         frame_header = _frame_header(header, similarity, catalog.plane, ota_size)
@@ -808,7 +811,7 @@ def _final_match(catalog, refined, ref_tree, reference, radius):
         mine = catalog.ota == ota
         ra[mine], dec[mine] = pixel_to_sky(refined[ota], catalog.x[mine], catalog.y[mine])
     xi, eta = project(ra, dec, *catalog.plane)
-    src_index, ref_index = _match((xi * 3600.0, eta * 3600.0), ref_tree, radius)
+    src_index, ref_index = match_nearest((xi * 3600.0, eta * 3600.0), ref_tree, radius)
     # Residuals on the sky at each star (RA difference scaled by cos Dec).
     ref_ra = np.asarray(reference["RA"])[ref_index]
     ref_dec = np.asarray(reference["DEC"])[ref_index]

@@ -60,7 +60,7 @@ class RefcatError(Exception):
 
 # --- Geometry -------------------------------------------------------------------------
 
-def _unit_vectors(ra, dec):
+def unit_vectors(ra, dec):
     """Unit vectors (3, N) of positions in degrees."""
     ra, dec = np.radians(ra), np.radians(dec)
     return np.array([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
@@ -160,7 +160,7 @@ def propagate(ra, dec, pmra, pmdec, years):
     scale = np.radians(np.asarray(years, dtype=float) / 3.6e6)
     d_east = np.nan_to_num(np.asarray(pmra, dtype=float) * scale)
     d_north = np.nan_to_num(np.asarray(pmdec, dtype=float) * scale)
-    vector = _unit_vectors(ra, dec) + east * d_east + north * d_north
+    vector = unit_vectors(ra, dec) + east * d_east + north * d_north
     vector /= np.linalg.norm(vector, axis=0)
     ra_out = np.degrees(np.arctan2(vector[1], vector[0])) % 360.0
     dec_out = np.degrees(np.arcsin(np.clip(vector[2], -1.0, 1.0)))
@@ -211,7 +211,7 @@ def _normalise(table, source):
     return table
 
 
-def _filled(column, fill=np.nan):
+def filled(column, fill=np.nan):
     """Float array of a (possibly masked) column, masked entries set to ``fill``."""
     data = np.ma.asarray(column).astype(float)
     return np.ma.filled(data, fill)
@@ -221,7 +221,7 @@ def _source_epoch(table):
     """Per-row epoch (decimal years) of the positions, or None when unknown."""
     for name in ("epoch", "ref_epoch"):
         if name in table.colnames:
-            return _filled(table[name])
+            return filled(table[name])
     for key, value in table.meta.items():
         if key.upper() == "EPOCH":
             return np.full(len(table), float(value))
@@ -233,13 +233,13 @@ def _at_epoch(table, epoch):
     source_epoch = _source_epoch(table)
     if epoch is None or source_epoch is None or not {"pmra", "pmdec"} <= set(table.colnames):
         return table
-    pmra, pmdec = _filled(table["pmra"]), _filled(table["pmdec"])
+    pmra, pmdec = filled(table["pmra"]), filled(table["pmdec"])
     years = epoch - source_epoch
     # Rows without motion, epoch or time to move keep their stored positions exactly
     # (no round-off from the vector arithmetic).
     moving = (np.isfinite(years) & (years != 0) & np.isfinite(pmra) & np.isfinite(pmdec)
               & ((pmra != 0) | (pmdec != 0)))
-    ra, dec = _filled(table["ra"]), _filled(table["dec"])
+    ra, dec = filled(table["ra"]), filled(table["dec"])
     ra[moving], dec[moving] = propagate(ra[moving], dec[moving], pmra[moving], pmdec[moving],
                                         years[moving])
     out = table.copy()
@@ -251,7 +251,7 @@ def _at_epoch(table, epoch):
 def _cone(table, ra, dec, radius_deg, epoch):
     """Rows of ``table`` within the circle, with positions at ``epoch``."""
     moved = _at_epoch(table, epoch)
-    return moved[select_circle(_filled(moved["ra"]), _filled(moved["dec"]), ra, dec, radius_deg)]
+    return moved[select_circle(filled(moved["ra"]), filled(moved["dec"]), ra, dec, radius_deg)]
 
 
 # --- Catalog kinds --------------------------------------------------------------------

@@ -55,8 +55,8 @@ from astropy.table import Table
 from scipy.optimize import brentq
 from scipy.spatial import cKDTree
 
-from podi_fixwcs import _match
-from podi_ipprefcat import _filled, _unit_vectors, angular_distance
+from podi_fixwcs import match_nearest
+from podi_ipprefcat import angular_distance, filled, unit_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -160,17 +160,17 @@ def clean_sources(sources, max_error):
         Rows with ``FLAGS == 0``, finite position and finite ``MAG_D30`` with
         ``MAGERR_D30 <= max_error``.
     """
-    mag = _filled(sources[f"MAG_D{CALIBRATION_APERTURE}"])
-    err = _filled(sources[f"MAGERR_D{CALIBRATION_APERTURE}"])
+    mag = filled(sources[f"MAG_D{CALIBRATION_APERTURE}"])
+    err = filled(sources[f"MAGERR_D{CALIBRATION_APERTURE}"])
     usable = ((np.asarray(sources["FLAGS"]) == 0) & np.isfinite(mag) & (err <= max_error)
-              & np.isfinite(_filled(sources["RA"])) & np.isfinite(_filled(sources["DEC"])))
+              & np.isfinite(filled(sources["RA"])) & np.isfinite(filled(sources["DEC"])))
     return np.flatnonzero(usable)
 
 
 def _band_error(reference, band):
     # A catalog without errors is trusted (its stars pass any error cut).
     if f"{band}_err" in reference.colnames:
-        return _filled(reference[f"{band}_err"])
+        return filled(reference[f"{band}_err"])
     return np.zeros(len(reference))
 
 
@@ -201,7 +201,7 @@ def reference_magnitudes(reference, band, colour_term=None):
     mag = np.zeros(len(reference))
     variance = np.zeros(len(reference))
     for name, coefficient in coefficients.items():
-        mag += coefficient * _filled(reference[name])
+        mag += coefficient * filled(reference[name])
         variance += (coefficient * _band_error(reference, name)) ** 2
     return mag, np.sqrt(variance)
 
@@ -224,10 +224,10 @@ def match_to_reference(ra, dec, ref_ra, ref_dec, radius_arcsec):
     """
     if len(ra) == 0 or len(ref_ra) == 0:
         return np.empty(0, int), np.empty(0, int)
-    tree = cKDTree(_unit_vectors(ref_ra, ref_dec).T)
+    tree = cKDTree(unit_vectors(ref_ra, ref_dec).T)
     # Unit vectors at angle theta are a chord 2 sin(theta / 2) apart.
     chord = 2.0 * math.sin(math.radians(radius_arcsec / 3600.0) / 2.0)
-    return _match(_unit_vectors(ra, dec), tree, chord)
+    return match_nearest(unit_vectors(ra, dec), tree, chord)
 
 
 # --- Statistics ------------------------------------------------------------------------
@@ -499,21 +499,21 @@ def photcalib_table(sources, reference, src_index, ref_index, zp, err, used, mat
     be SDSS (as in ``WCSCAL.CAT``).
     """
     table = Table(meta={"EXTNAME": "CAT.PHOTCALIB", "MATCHRAD": match_radius})
-    table["ODI_RA"] = _filled(sources["RA"])[src_index]
-    table["ODI_DEC"] = _filled(sources["DEC"])[src_index]
-    table["REF_RA"] = _filled(reference["ra"])[ref_index]
-    table["REF_DEC"] = _filled(reference["dec"])[ref_index]
+    table["ODI_RA"] = filled(sources["RA"])[src_index]
+    table["ODI_DEC"] = filled(sources["DEC"])[src_index]
+    table["REF_RA"] = filled(reference["ra"])[ref_index]
+    table["REF_DEC"] = filled(reference["dec"])[ref_index]
     table["OTA"] = np.asarray(sources["OTA"], np.int16)[src_index]
     for aperture in APERTURES:
         for prefix, name in (("ODI_MAG", "MAG_D"), ("ODI_ERR", "MAGERR_D")):
-            values = _filled(sources[f"{name}{aperture}"])[src_index]
+            values = filled(sources[f"{name}{aperture}"])[src_index]
             table[f"{prefix}_{aperture}"] = values.astype(np.float32)
     for band in BANDS:
         for prefix, name in (("REF_MAG", band), ("REF_ERR", f"{band}_err")):
-            values = (_filled(reference[name]) if name in reference.colnames
+            values = (filled(reference[name]) if name in reference.colnames
                       else np.full(len(reference), np.nan))
             table[f"{prefix}_{band.upper()}"] = values[ref_index].astype(np.float32)
-    table["ODI_FWHM"] = _filled(sources["FWHM_WORLD"])[src_index]
+    table["ODI_FWHM"] = filled(sources["FWHM_WORLD"])[src_index]
     table["ZP"] = np.asarray(zp, np.float32)
     table["ZP_ERR"] = np.asarray(err, np.float32)
     table["ZP_USED"] = np.asarray(used, bool)
@@ -640,7 +640,7 @@ def calibrate(sources, reference, filter_name, exptime, airmass=None, catalog_na
     band = reference_band(filter_name)
     if band is None:
         return _failure(f"filter {filter_name} has no reference band", catalog_name, empty_table())
-    if band not in reference.colnames or not np.isfinite(_filled(reference[band])).any():
+    if band not in reference.colnames or not np.isfinite(filled(reference[band])).any():
         return _failure(f"reference catalog has no {band} magnitudes", catalog_name, empty_table())
     colour_term = (colour_terms or {}).get(filter_name)
     if colour_term is not None and not {colour_term[1], colour_term[2]} <= set(reference.colnames):
@@ -654,14 +654,14 @@ def calibrate(sources, reference, filter_name, exptime, airmass=None, catalog_na
                         catalog_name, empty_table())
     clean = clean_sources(sources, max_error)
     src_pairs, ref_pairs = match_to_reference(
-        _filled(sources["RA"])[clean], _filled(sources["DEC"])[clean],
-        _filled(reference["ra"])[usable_ref], _filled(reference["dec"])[usable_ref], match_radius)
+        filled(sources["RA"])[clean], filled(sources["DEC"])[clean],
+        filled(reference["ra"])[usable_ref], filled(reference["dec"])[usable_ref], match_radius)
     src_index, ref_index = clean[src_pairs], usable_ref[ref_pairs]
 
     aperture = CALIBRATION_APERTURE
     zp, err = star_zeropoints(ref_mag[ref_index], ref_err[ref_index],
-                              _filled(sources[f"MAG_D{aperture}"])[src_index],
-                              _filled(sources[f"MAGERR_D{aperture}"])[src_index], exptime)
+                              filled(sources[f"MAG_D{aperture}"])[src_index],
+                              filled(sources[f"MAGERR_D{aperture}"])[src_index], exptime)
     keep = clip_zeropoints(zp, err)
     table = photcalib_table(sources, reference, src_index, ref_index, zp, err, keep, match_radius)
     if keep.sum() < min_stars:
