@@ -629,12 +629,15 @@ PHOTCALIB_HEADER_KEYWORDS = ("AIRMASS", "FILTER", "FILTERID", "MJD-OBS", "OBSID"
                              "EXPMEAS", "TELFOCUS", "ROTSTART", "ROTEND", "ADCMODE")
 
 
-def photometric_calibration(catalog, reference, products, first_header, options, seeing):
+def photometric_calibration(catalog, reference, products, first_header, options, seeing, psf):
     """``-photcalib``: zero point, aperture correction, sky brightness and depth.
 
     Calibrates the ``MAG_Dnn`` columns of ``catalog`` (``CAT.ODI``) in place where a
     zero point exists: instrumental + ``PHOTZP_X`` + ``APCORR`` (DECISIONS 12), i.e.
     the calibrated magnitude of the light inside each aperture.
+
+    ``seeing`` (arcsec) and ``psf`` (:func:`frame_psf`, may be None) give the aperture
+    correction.
 
     Returns
     -------
@@ -666,12 +669,12 @@ def photometric_calibration(catalog, reference, products, first_header, options,
         logger.warning("-photcalib: %s; no zero point (PHOTCAL = F)", result.message)
         return keywords, [table]
     seeing = keywords.get("SEEING", (seeing,))[0]
-    corrections = np.concatenate([r["sources"].meta["APCORR"] for r in products.values()])
-    keywords.update(podi_photcalib.aperture_correction(corrections, seeing))
+    keywords.update(podi_photcalib.aperture_correction(psf, seeing))
     zeropoint = keywords["PHOTZP_X"][0] + keywords["APCORR"][0]
     sky, noise = global_sky(products, first_header)
     scale = float(np.median([r["pixel_scale"] for r in products.values()]))
-    keywords.update(podi_photcalib.sky_and_depth(zeropoint, sky, noise, scale, seeing))
+    beta = psf.beta if psf is not None else podi_findstars.DEFAULT_MOFFAT_BETA
+    keywords.update(podi_photcalib.sky_and_depth(zeropoint, sky, noise, scale, seeing, beta))
     for tag in podi_photcalib.APERTURES:
         catalog[f"MAG_D{tag}"] += np.float32(zeropoint)
     catalog.meta["MAGZP"] = zeropoint
@@ -710,6 +713,38 @@ def summary_line(base, primary, output, seconds):
     return f"{base}: {', '.join(parts)}, {seconds:.1f} s -> {output}"
 
 
+def frame_psf(products):
+    """The frame's Moffat PSF from the bright stars' curves of growth.
+
+    :func:`podi_findstars.fit_moffat_growth` over the stars of all OTAs. Each
+    source's FWHM, from its half-light radius under an assumed beta, is then scaled
+    so that the median over the fitted stars equals the fitted FWHM: ``FWHM_IMAGE``,
+    ``FWHM_WORLD`` and ``SEEING`` become unbiased for the frame's actual profile.
+
+    Returns
+    -------
+    (podi_findstars.MoffatFit or None, dict)
+        The fit (FWHM in arcsec) and the keywords ``PSFFWHM``, ``PSFBETA``, ``PSF_N``.
+    """
+    sources = [result["sources"] for result in products.values()]
+    growth = np.concatenate([table.meta["GROWTH"] for table in sources])
+    outer = np.concatenate([np.full(len(table.meta["GROWTH"]), table.meta["GROWTH_R"])
+                            for table in sources])
+    radii = np.array(list(podi_findstars.APERTURE_DIAMETERS.values())) / 2
+    psf = podi_findstars.fit_moffat_growth(growth, radii, outer)
+    if psf is None:
+        logger.warning("-fixwcs: %d bright isolated stars, too few for a PSF fit; FWHMs "
+                       "assume a Moffat beta of %g", len(growth), podi_findstars.DEFAULT_MOFFAT_BETA)
+        return None, {"PSF_N": (len(growth), "bright isolated stars: too few for a PSF fit")}
+    scale = psf.fwhm / float(np.median(np.concatenate([t.meta["GROWTH_FWHM"] for t in sources])))
+    for table in sources:
+        for column in ("FWHM_IMAGE", "FWHM_WORLD"):
+            table[column] *= np.float32(scale)
+    return psf, {"PSFFWHM": (round(psf.fwhm, 4), "[arcsec] FWHM of the Moffat PSF fit"),
+                 "PSFBETA": (round(psf.beta, 3), "beta of the Moffat PSF fit"),
+                 "PSF_N": (psf.n_stars, "bright isolated stars in the PSF fit")}
+
+
 def frame_calibrations(products, refcat, first_header, options, size):
     """``-fixwcs`` and ``-photcalib`` on the collected OTAs.
 
@@ -721,8 +756,10 @@ def frame_calibrations(products, refcat, first_header, options, size):
         Primary keywords, and the tables ``CAT.WCSREF``, ``WCSCAL.CAT``, ``CAT.ODI``
         and (with ``-photcalib``) ``CAT.PHOTCALIB``, in output order.
     """
+    psf, psf_keywords = frame_psf(products)
     reference = reference_stars(refcat, first_header)
     calibrated, keywords, tables = astrometric_calibration(products, reference, options, size)
+    keywords.update(psf_keywords)
     catalog = source_catalog(products)
     photcalib_tables = []
     if options.get("photcalib") and not calibrated:
@@ -731,7 +768,7 @@ def frame_calibrations(products, refcat, first_header, options, size):
                         PHOTMSG=("WCS not calibrated", "why there is no zero point"))
     elif options.get("photcalib"):
         photometry, photcalib_tables = photometric_calibration(
-            catalog, reference, products, first_header, options, keywords["SEEING"][0])
+            catalog, reference, products, first_header, options, keywords["SEEING"][0], psf)
         keywords.update(photometry)
     # Made after the photometry, which calibrates the catalog's magnitudes.
     return keywords, tables + [catalog_hdu(catalog)] + photcalib_tables

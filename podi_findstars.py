@@ -52,10 +52,12 @@ sharper than the PSF (:func:`reject_sharp`) or with too much flux in one pixel
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import sep
 from astropy.table import Table
+from scipy.optimize import least_squares
 from scipy.spatial import cKDTree
 
 log = logging.getLogger(__name__)
@@ -115,9 +117,6 @@ SPIKE_RATIO = 3.0
 APERTURE_DIAMETERS = {"05": 0.5, "08": 0.8, "10": 1.0, "15": 1.5, "20": 2.0, "25": 2.5,
                       "30": 3.0, "35": 3.5}
 
-#: The aperture the zero point refers to (3", DECISIONS 12).
-CALIBRATION_TAG = "30"
-
 #: Sub-pixel sampling of the windowed centroid (sep's default, 11, costs 3x the time
 #: for a change of < 0.01 px at ODI's sampling).
 WINPOS_SUBPIX = 4
@@ -129,6 +128,9 @@ APCORR_ANNULUS = (5.0, 7.0)
 
 #: Stars for the aperture correction have at least this detection S/N.
 APCORR_SNR = 50.0
+
+#: Fewest stars for a fit of the curve of growth (:func:`fit_moffat_growth`).
+MIN_GROWTH_STARS = 5
 
 COLUMNS = (("X", "Y", "XWIN", "YWIN", "FWHM_IMAGE", "FWHM_WORLD", "FLUX", "FLUX_ERR")
            + tuple(f"{kind}_D{tag}" for tag in APERTURE_DIAMETERS for kind in ("MAG", "MAGERR"))
@@ -298,14 +300,96 @@ def magnitudes(flux, flux_err):
     return mag, err
 
 
-def aperture_corrections(image, x, y, background, radius, fwhm, candidates):
-    """Magnitude difference between an aperture and the total flux of bright stars.
+def moffat_enclosed(radius, fwhm, beta):
+    """Fraction of a Moffat(beta) profile's flux inside ``radius`` (same unit as ``fwhm``).
+
+    With alpha = FWHM / (2 sqrt(2^(1/beta) - 1)) the enclosed fraction is
+    1 - (1 + (r/alpha)^2)^(1 - beta): 0.793 at r = FWHM and 0.934 at r = 1.5 FWHM for
+    beta = 3.5. beta must exceed 1.
+    """
+    alpha2 = np.square(fwhm) / (4.0 * (2.0 ** (1.0 / beta) - 1.0))
+    return 1.0 - (1.0 + np.square(radius) / alpha2) ** (1.0 - beta)
+
+
+@dataclass
+class MoffatFit:
+    """The Moffat profile of a frame's stars (:func:`fit_moffat_growth`)."""
+
+    fwhm: float        # same unit as the radii fitted
+    beta: float
+    covariance: np.ndarray  # of (fwhm, beta)
+    n_stars: int
+
+    def total_correction(self, radius):
+        """Magnitudes from the flux within ``radius`` to the total flux, and its error."""
+        def correction(params):
+            return -2.5 * math.log10(moffat_enclosed(radius, *params))
+        value = correction((self.fwhm, self.beta))
+        steps = 1e-4 * np.array([self.fwhm, self.beta])
+        gradient = np.array([(correction((self.fwhm, self.beta) + step) - value) / h
+                             for step, h in zip(np.diag(steps), steps)])
+        return value, float(math.sqrt(max(gradient @ self.covariance @ gradient, 0.0)))
+
+
+def fit_moffat_growth(growth, radii, outer):
+    """FWHM and beta of the Moffat profile whose curve of growth the stars follow.
+
+    Fits ``growth[i, k] = f(radii[k]) / f(outer[i])`` with f the enclosed fraction
+    (:func:`moffat_enclosed`) by robust least squares (soft L1, scale 0.01) over all
+    stars and apertures. Unlike a FWHM from the half-light radius, which must assume
+    beta, this is unbiased for any Moffat profile, and it extrapolates the wings
+    beyond the largest aperture.
+
+    Parameters
+    ----------
+    growth : numpy.ndarray
+        (stars, apertures) flux in each aperture over the flux within ``outer``
+        (:func:`growth_curves`).
+    radii : numpy.ndarray
+        Aperture radii.
+    outer : numpy.ndarray
+        Radius of each star's total-flux aperture (same unit as ``radii``).
+
+    Returns
+    -------
+    MoffatFit or None
+        None with fewer than :data:`MIN_GROWTH_STARS` stars or without convergence.
+    """
+    growth = np.asarray(growth, float)
+    outer = np.asarray(outer, float)
+    usable = np.isfinite(growth).all(axis=1) & np.isfinite(outer)
+    growth, outer = growth[usable], outer[usable]
+    if len(growth) < MIN_GROWTH_STARS:
+        return None
+    radii = np.asarray(radii, float)
+
+    def residuals(params):
+        return (growth - moffat_enclosed(radii, *params)
+                / moffat_enclosed(outer, *params)[:, None]).ravel()
+
+    # Start: the radius holding half the light of the median curve is ~0.6 FWHM.
+    half = np.interp(0.5, np.median(growth, axis=0), radii)
+    fit = least_squares(residuals, [half / 0.6, DEFAULT_MOFFAT_BETA], loss="soft_l1",
+                        f_scale=0.01, bounds=([0.1 * half, 1.2], [10 * half, 30.0]))
+    if not fit.success:
+        return None
+    # Covariance from the Jacobian, scaled by the robust scatter of the residuals.
+    scatter = 1.4826 * np.median(np.abs(fit.fun))
+    try:
+        covariance = np.linalg.inv(fit.jac.T @ fit.jac) * scatter**2
+    except np.linalg.LinAlgError:
+        return None
+    return MoffatFit(float(fit.x[0]), float(fit.x[1]), covariance, len(growth))
+
+
+def growth_curves(image, x, y, background, radii, fwhm, candidates):
+    """Curves of growth of bright isolated stars: aperture fluxes over the total flux.
 
     The total flux is the flux within :data:`APCORR_RADIUS` FWHM (99.9 % of a
-    beta = 3.5 Moffat profile). Both apertures take their background from the
-    annulus :data:`APCORR_ANNULUS` (in FWHM), so that the residual background the
-    mesh leaves near bright stars cancels. Only ``candidates`` without another
-    detection within the annulus' outer radius are used.
+    beta = 3.5 Moffat profile). All apertures take their background from the annulus
+    :data:`APCORR_ANNULUS` (in FWHM), so that the residual background the mesh leaves
+    near bright stars cancels. Only ``candidates`` without another detection within
+    the annulus' outer radius are used.
 
     Parameters
     ----------
@@ -315,8 +399,8 @@ def aperture_corrections(image, x, y, background, radius, fwhm, candidates):
         0-based positions of all sources (neighbours count even if not candidates).
     background : numpy.ndarray
         Background at each source (image units).
-    radius : float
-        Radius (pixels) of the aperture to correct.
+    radii : sequence of float
+        Aperture radii (pixels).
     fwhm : float
         Stellar FWHM (pixels).
     candidates : numpy.ndarray of bool
@@ -324,24 +408,30 @@ def aperture_corrections(image, x, y, background, radius, fwhm, candidates):
 
     Returns
     -------
-    numpy.ndarray
-        ``mag(aperture) - mag(total)`` (positive) per usable star, in no order.
+    growth : numpy.ndarray
+        (stars, radii): flux in each aperture over the total flux.
+    outer : float
+        Radius (pixels) of the total-flux aperture.
+    used : numpy.ndarray of int
+        Index of each star among the sources.
     """
+    outer = APCORR_RADIUS * fwhm
     if not math.isfinite(fwhm) or not candidates.any():
-        return np.zeros(0)
-    outer = APCORR_ANNULUS[1] * fwhm
+        return np.zeros((0, len(radii))), outer, np.zeros(0, int)
+    annulus = (APCORR_ANNULUS[0] * fwhm, APCORR_ANNULUS[1] * fwhm)
     positions = np.column_stack([x, y])
     nearest = cKDTree(positions).query(positions[candidates], k=2)[0][:, 1]
-    index = np.flatnonzero(candidates)[nearest > outer]
-    stamps = StampMosaic(image, x[index], y[index], background[index], int(math.ceil(outer)) + 2)
+    index = np.flatnonzero(candidates)[nearest > annulus[1]]
+    stamps = StampMosaic(image, x[index], y[index], background[index], int(math.ceil(annulus[1])) + 2)
     xs, ys = stamps.to_mosaic(x[index], y[index])
-    annulus = (APCORR_ANNULUS[0] * fwhm, outer)
-    (inner, _, inner_flags), (total, _, total_flags) = (
+    fluxes, flags = zip(*((f, fl) for f, _, fl in (
         sep.sum_circle(stamps.data, xs, ys, r, mask=stamps.mask, bkgann=annulus, subpix=0)
-        for r in (radius, APCORR_RADIUS * fwhm))
-    good = (((inner_flags | total_flags) == 0) & (inner > 0) & (total > 0)
-            & ~stamps.touches("undefined", xs, ys, outer) & ~stamps.touches("outside", xs, ys, outer))
-    return 2.5 * np.log10(total[good] / inner[good])
+        for r in (*radii, outer))))
+    fluxes = np.array(fluxes)
+    good = ((np.bitwise_or.reduce(flags) == 0) & (fluxes[-1] > 0)
+            & ~stamps.touches("undefined", xs, ys, annulus[1])
+            & ~stamps.touches("outside", xs, ys, annulus[1]))
+    return (fluxes[:-1, good] / fluxes[-1, good]).T, outer, index[good]
 
 
 def windowed_shape(data, x, y, sigma, chunk=1000):
@@ -532,7 +622,9 @@ def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binnin
         ``ELONGATION`` = A/B, ``ELLIPTICITY`` = 1 - B/A (windowed); ``FLAGS``
         (``FLAG_*`` bits); ``OTA``. Table meta: ``FWHM`` (stellar median, px),
         ``NREJECT`` (sharp sources removed), ``APERTURE`` (adaptive radius, px),
-        ``APCORR`` (array: :func:`aperture_corrections` of the bright isolated stars).
+        ``GROWTH`` (:func:`growth_curves` of the bright isolated stars in the apertures
+        of :data:`APERTURE_DIAMETERS`), ``GROWTH_R`` (arcsec, radius of their
+        total-flux aperture) and ``GROWTH_FWHM`` (their FWHM, arcsec).
     """
     start = time.perf_counter()
     pixel_scale = pixel_scale or PIXEL_SCALE * binning
@@ -558,7 +650,8 @@ def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binnin
     if len(objects) == 0:
         log.info("OTA %02d: no sources", ota)
         return _table([], {"FWHM": math.nan, "NREJECT": 0, "APERTURE": math.nan,
-                           "APCORR": np.zeros(0)})
+                           "GROWTH": np.zeros((0, len(APERTURE_DIAMETERS))), "GROWTH_R": math.nan,
+                           "GROWTH_FWHM": np.zeros(0)})
 
     spiky = spiky_detections(image, objects, back, rms, factor)
     objects = objects[~spiky]
@@ -612,8 +705,8 @@ def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binnin
                    saturated=(peak + background >= saturation) if saturation is not None else None)
     xwin, ywin = stamps.to_image(xwin, ywin)
     x, y = stamps.to_image(x, y)
-    apcorr = aperture_corrections(image, xwin, ywin, background, radii[CALIBRATION_TAG],
-                                  stellar_fwhm, keep & stellar & (flags == 0) & (snr >= APCORR_SNR))
+    growth, outer, grown = growth_curves(image, xwin, ywin, background, list(radii.values()),
+                                         stellar_fwhm, keep & stellar & (flags == 0) & (snr >= APCORR_SNR))
     columns = {"X": x + 1, "Y": y + 1, "XWIN": xwin + 1, "YWIN": ywin + 1, "FWHM_IMAGE": fwhm,
                "FWHM_WORLD": fwhm * pixel_scale / 3600, "FLUX": flux, "FLUX_ERR": flux_err,
                **photometry, "FLUX_MAX": peak, "BACKGROUND": background, "AWIN_IMAGE": awin,
@@ -622,7 +715,8 @@ def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binnin
                "OTA": np.full(len(flux), ota, np.int16)}
     table = _table([columns[name] for name in COLUMNS],
                    {"FWHM": stellar_fwhm, "NREJECT": int(spiky.sum() + (~keep).sum()),
-                    "APERTURE": float(radius), "APCORR": apcorr})[keep]
+                    "APERTURE": float(radius), "GROWTH": growth,
+                    "GROWTH_R": outer * pixel_scale, "GROWTH_FWHM": fwhm[grown] * pixel_scale})[keep]
     log.info("OTA %02d: %d sources (%d spiky, %d sharp, %d concentrated, %d duplicates "
              "removed), FWHM %.2f px, aperture radius %.2f px, %.2f s", ota, len(table),
              spiky.sum(), sharp.sum(), (concentrated & ~sharp).sum(),

@@ -55,6 +55,7 @@ from astropy.table import Table
 from scipy.optimize import brentq
 from scipy.spatial import cKDTree
 
+import podi_findstars
 from podi_fixwcs import match_nearest
 from podi_ipprefcat import angular_distance, filled, unit_vectors
 
@@ -77,8 +78,7 @@ APERTURES = ("05", "08", "10", "15", "20", "25", "30", "35")
 CALIBRATION_APERTURE = "30"
 BANDS = "ugriz"
 
-#: Fewest bright stars for a measured aperture correction (else the Moffat model).
-MIN_APCORR_STARS = 5
+
 
 #: With this many matched stars or fewer the zero points are not clipped (facts 4.7).
 MAX_UNCLIPPED = 5
@@ -393,24 +393,13 @@ def sky_brightness(sky_level, pixel_scale, zp_total_exposure):
     return np.where(sky_level > 0, magnitude, np.nan)[()]
 
 
-def moffat_enclosed(radius, fwhm, beta):
-    """Fraction of a Moffat(beta) profile's flux inside ``radius`` (same unit as ``fwhm``).
-
-    With alpha = FWHM / (2 sqrt(2^(1/beta) - 1)) the enclosed fraction is
-    1 - (1 + (r/alpha)^2)^(1 - beta): 0.793 at r = FWHM and 0.934 at r = 1.5 FWHM for
-    beta = 3.5. beta must exceed 1.
-    """
-    alpha2 = fwhm**2 / (4.0 * (2.0 ** (1.0 / beta) - 1.0))
-    return 1.0 - (1.0 + radius**2 / alpha2) ** (1.0 - beta)
-
-
 def point_source_depth(sky_noise, pixel_scale, seeing, zp_total_exposure, nsigma=5.0,
                        moffat_beta=3.5):
     """Magnitude of the faintest point source detected at ``nsigma`` (``PHOTDPTH``).
 
     Background-limited detection in a circular aperture of radius = seeing FWHM (the
     original's aperture): noise = sky_noise sqrt(pi (seeing / pixel_scale)^2); the
-    aperture holds the fraction f of a Moffat(beta) PSF (:func:`moffat_enclosed`),
+    aperture holds the fraction f of a Moffat(beta) PSF (:func:`podi_findstars.moffat_enclosed`),
     so the total flux needed is nsigma noise / f and
     depth = zp_total_exposure - 2.5 log10(nsigma noise / f).
 
@@ -437,40 +426,41 @@ def point_source_depth(sky_noise, pixel_scale, seeing, zp_total_exposure, nsigma
     if not (sky_noise > 0 and seeing > 0):
         return math.nan
     noise = sky_noise * math.sqrt(math.pi * (seeing / pixel_scale) ** 2)
-    flux = nsigma * noise / moffat_enclosed(seeing, seeing, moffat_beta)
+    flux = nsigma * noise / podi_findstars.moffat_enclosed(seeing, seeing, moffat_beta)
     return zp_total_exposure - 2.5 * math.log10(flux)
 
 
-def aperture_correction(corrections, seeing, moffat_beta=3.5):
+def aperture_correction(psf, seeing, moffat_beta=3.5):
     """``APCORR``: from the 3" aperture to total flux, in mag (positive).
 
-    The median of the bright stars' ``mag(3") - mag(total)``
-    (:func:`podi_findstars.aperture_corrections`); without such stars, the value of a
-    Moffat(beta) PSF of FWHM ``seeing`` (arcsec), and the comment says so.
+    Parameters
+    ----------
+    psf : podi_findstars.MoffatFit or None
+        The frame's Moffat profile fitted to the bright stars' curves of growth
+        (radii in arcsec); it also gives the light beyond the largest aperture.
+    seeing : float
+        FWHM (arcsec) of a Moffat(``moffat_beta``) profile to use without ``psf``.
 
     Returns
     -------
     dict
-        ``APCORR``, ``APCORRER`` (standard error of the median) and ``APCORR_N``.
+        ``APCORR``, ``APCORRER`` (its error; -1 for the assumed profile) and
+        ``APCORR_N`` (stars behind the fit).
     """
-    corrections = np.asarray(corrections, float)
-    corrections = corrections[np.isfinite(corrections)]
-    if len(corrections) >= MIN_APCORR_STARS:
-        value = float(np.median(corrections))
-        error = 1.2533 * float(np.std(corrections, ddof=1)) / math.sqrt(len(corrections))
-        comment = "[mag] 3\" aperture to total, median of stars"
+    radius = float(CALIBRATION_APERTURE) / 20  # tag 30: 3.0" diameter
+    if psf is not None:
+        value, error = psf.total_correction(radius)
+        comment, n_stars = "[mag] 3\" aperture to total, fitted Moffat", psf.n_stars
     else:
-        diameter = float(CALIBRATION_APERTURE) / 10
-        value = -2.5 * math.log10(moffat_enclosed(diameter / 2, seeing, moffat_beta))
-        error = math.nan
-        comment = f"[mag] 3\" to total: Moffat beta={moffat_beta:g} model"
+        value = -2.5 * math.log10(podi_findstars.moffat_enclosed(radius, seeing, moffat_beta))
+        error, n_stars = -1.0, 0
+        comment = f"[mag] 3\" to total: assumed Moffat beta={moffat_beta:g}"
     return {"APCORR": (round(value, 5), comment),
-            "APCORRER": (round(error, 5) if math.isfinite(error) else -1.0,
-                         "[mag] error of APCORR (-1: model)"),
-            "APCORR_N": (len(corrections), "bright isolated stars measured for APCORR")}
+            "APCORRER": (round(error, 5), "[mag] error of APCORR (-1: assumed profile)"),
+            "APCORR_N": (n_stars, "bright isolated stars behind APCORR")}
 
 
-def sky_and_depth(zp_total_exposure, sky_level, sky_noise, pixel_scale, seeing):
+def sky_and_depth(zp_total_exposure, sky_level, sky_noise, pixel_scale, seeing, moffat_beta=3.5):
     """``SKYMAG`` and ``PHOTDPTH`` keywords (:func:`sky_brightness`, :func:`point_source_depth`).
 
     Parameters are those functions' (ADU, arcsec/pixel, arcsec); non-finite results are
@@ -480,7 +470,8 @@ def sky_and_depth(zp_total_exposure, sky_level, sky_noise, pixel_scale, seeing):
     skymag = sky_brightness(sky_level, pixel_scale, zp_total_exposure)
     if np.isfinite(skymag):
         keywords["SKYMAG"] = (round(float(skymag), 4), "[mag/arcsec2] sky surface brightness")
-    depth = point_source_depth(sky_noise, pixel_scale, seeing, zp_total_exposure)
+    depth = point_source_depth(sky_noise, pixel_scale, seeing, zp_total_exposure,
+                               moffat_beta=moffat_beta)
     if math.isfinite(depth):
         keywords["PHOTDPTH"] = (round(depth, 4), "[mag] 5-sigma point-source depth, r=FWHM")
     return keywords

@@ -181,7 +181,17 @@ def test_unbinned_images_are_detected_on_blocks_and_measured_at_full_resolution(
     assert np.median(measured[bright[clean]] / expected[bright[clean]]) == pytest.approx(1.0, abs=0.005)
     pulls = (measured - expected) / error
     assert 0.7 < 1.4826 * np.median(np.abs(pulls - np.median(pulls))) < 1.4
-    # Aperture correction of the bright isolated stars: 3" to 4 FWHM of the Moffat profile.
-    total = 1 - (1 + (4.0 / moffat_alpha(1.0, 3.5)) ** 2) ** (1 - 3.5)
-    assert len(table.meta["APCORR"]) >= 5
-    assert np.median(table.meta["APCORR"]) == pytest.approx(2.5 * math.log10(total / fraction), abs=0.005)
+    # The bright isolated stars' curves of growth give back the Moffat profile.
+    growth = table.meta["GROWTH"]
+    assert len(growth) >= 20 and table.meta["GROWTH_R"] == pytest.approx(4.0, rel=0.05)
+    radii = np.array(list(pf.APERTURE_DIAMETERS.values())) / 2
+    psf = pf.fit_moffat_growth(growth, radii, np.full(len(growth), table.meta["GROWTH_R"]))
+    assert psf.fwhm == pytest.approx(1.0, rel=0.02) and psf.beta == pytest.approx(3.5, abs=0.15)
+    correction, error = psf.total_correction(1.5)
+    assert correction == pytest.approx(-2.5 * math.log10(fraction), abs=max(0.005, 3 * error))
+    assert np.median(table.meta["GROWTH_FWHM"]) == pytest.approx(1.0, rel=0.03)
+
+
+def test_moffat_growth_fit_needs_stars():
+    radii = np.array([0.5, 1.0, 1.5])
+    assert pf.fit_moffat_growth(np.full((3, 3), 0.5), radii, np.full(3, 4.0)) is None

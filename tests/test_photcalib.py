@@ -429,18 +429,20 @@ def test_missing_reference_bands_are_nan(standard):
 
 # --- Aperture correction and the frame's sky keywords ----------------------------------------
 
-def test_aperture_correction_from_stars_and_from_the_model():
-    rng = np.random.default_rng(8)
-    measured = pc.aperture_correction(0.074 + 0.01 * rng.standard_normal(400), SEEING)
-    assert measured["APCORR"][0] == pytest.approx(0.074, abs=3 * measured["APCORRER"][0])
-    assert 0.0004 < measured["APCORRER"][0] < 0.001  # 1.25 x 0.01 / sqrt(400)
-    assert measured["APCORR_N"][0] == 400 and "median of stars" in measured["APCORR"][1]
-    # Too few stars: the Moffat PSF of the seeing, 3" diameter against total flux.
-    model = pc.aperture_correction([0.07, np.nan], SEEING)
+def test_aperture_correction_from_the_psf_fit_and_from_the_assumed_profile():
+    import podi_findstars
+    psf = podi_findstars.MoffatFit(1.2, 2.5, np.diag([1e-4, 1e-3]), 40)
+    fitted = pc.aperture_correction(psf, SEEING)
+    expected = -2.5 * math.log10(podi_simulate.moffat_enclosed(1.5, 1.2, 2.5))
+    assert fitted["APCORR"][0] == pytest.approx(expected, abs=1e-5)
+    assert 0 < fitted["APCORRER"][0] < 0.01 and fitted["APCORR_N"][0] == 40
+    assert "fitted Moffat" in fitted["APCORR"][1]
+    # Without a fit: the assumed Moffat of the seeing, 3" diameter against total flux.
+    assumed = pc.aperture_correction(None, SEEING)
     fraction = podi_simulate.moffat_enclosed(1.5, SEEING, BETA)
-    assert model["APCORR"][0] == pytest.approx(-2.5 * math.log10(fraction), abs=1e-5)
-    assert model["APCORRER"][0] == -1.0 and model["APCORR_N"][0] == 1
-    assert "Moffat" in model["APCORR"][1]
+    assert assumed["APCORR"][0] == pytest.approx(-2.5 * math.log10(fraction), abs=1e-5)
+    assert assumed["APCORRER"][0] == -1.0 and assumed["APCORR_N"][0] == 0
+    assert "assumed Moffat" in assumed["APCORR"][1]
 
 
 def test_sky_and_depth_keywords():

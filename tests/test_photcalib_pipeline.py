@@ -14,9 +14,10 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
-import podi_photcalib
+import podi_findstars
 import podi_wcs
-from conftest import STAR_FIELD_ERRORS, refcat_of, run_collectcells
+from conftest import STAR_FIELD_ERRORS, STAR_FIELD_OTAS, refcat_of, run_collectcells, small_spec
+from podi_simulate import simulate_exposure
 
 
 def truth_of(exposure):
@@ -55,6 +56,8 @@ def test_zero_point_sky_and_depth_match_the_truth(calibrated_fields, field):
 
     assert primary["SKYLEVEL"] == pytest.approx(truth["SKY_ADU"], rel=0.002)
     assert primary["SEEING"] == pytest.approx(truth["FWHM"], rel=0.05)
+    assert primary["PSFFWHM"] == pytest.approx(truth["FWHM"], rel=0.03)
+    assert primary["PSFBETA"] == pytest.approx(truth["MOFFBETA"], abs=0.2) and primary["PSF_N"] >= 20
     # The sky is extended: its surface brightness uses the total-flux zero point.
     exposure_zp = truth["PHOTZPT"] + 2.5 * math.log10(truth["EXPTIME"])
     true_skymag = exposure_zp - 2.5 * math.log10(truth["SKY_ADU"] / scale**2)
@@ -62,7 +65,7 @@ def test_zero_point_sky_and_depth_match_the_truth(calibrated_fields, field):
     # PHOTDPTH: a point source of that magnitude has S/N 5 in an aperture of radius
     # FWHM, whose noise is the measured pixel noise over the aperture's area.
     depth_flux = 10 ** (-0.4 * (primary["PHOTDPTH"] - primary["PHOTZP_X"] - primary["APCORR"]))
-    in_aperture = depth_flux * podi_photcalib.moffat_enclosed(1.0, 1.0, truth["MOFFBETA"])
+    in_aperture = depth_flux * podi_findstars.moffat_enclosed(1.0, 1.0, primary["PSFBETA"])
     noise = primary["SKYNOISE"] * math.sqrt(math.pi) * primary["SEEING"] / scale
     assert in_aperture / noise == pytest.approx(5.0, rel=1e-3)
     # No radial gradient in the simulator: the fit finds none.
@@ -152,3 +155,22 @@ def test_catalog_without_the_band_gives_no_zero_point(star_fields, tmp_path, cap
         assert not {"PHOTZP", "MAGZERO", "APCORR", "SKYMAG", "PHOTDPTH"} & set(primary)
         assert hdus["CAT.ODI"].header["MAGCALIB"] is False
         assert len(hdus["CAT.PHOTCALIB"].data) == 0
+
+
+@pytest.mark.parametrize("beta, fwhm", [(2.5, 1.3), (4.5, 0.8)])
+def test_seeing_and_aperture_correction_follow_the_profile(star_fields, tmp_path, beta, fwhm):
+    """Other Moffat profiles than the beta = 3.5 the FWHMs are first measured with: the
+    PSF fit recovers beta, SEEING stays within 5 % and the aperture correction takes the
+    3" zero point to the total-flux truth."""
+    _, cals = star_fields
+    spec = small_spec(otas=STAR_FIELD_OTAS, seed=60, moffat_beta=beta, fwhm=fwhm)
+    exposure = simulate_exposure(spec, tmp_path / "raw", ncpus=2)
+    output = tmp_path / "out.fits"
+    assert run_collectcells(exposure, output, f"-cals={cals}", "-photcalib",
+                            f"-refcat={refcat_of(exposure)}") == 0
+    truth = truth_of(exposure)
+    primary = fits.getheader(output)
+    assert primary["PSFBETA"] == pytest.approx(beta, rel=0.1)
+    assert primary["SEEING"] == pytest.approx(fwhm, rel=0.05)
+    assert primary["PHOTZP"] == pytest.approx(truth["PHOTZP3"], abs=0.01)
+    assert primary["PHOTZP"] + primary["APCORR"] == pytest.approx(truth["PHOTZPT"], abs=0.01)
