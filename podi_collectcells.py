@@ -45,6 +45,7 @@ import podi_findstars
 import podi_fixwcs
 import podi_ipprefcat
 import podi_photcalib
+import podi_plots
 import podi_wcs
 from podi_calibfiles import CalibrationNotFound, resolve_calibrations
 from podi_commandline import HelpRequested, OptionError, expand_output_name, parse_commandline, usage
@@ -752,9 +753,10 @@ def frame_calibrations(products, refcat, first_header, options, size):
 
     Returns
     -------
-    (dict, list)
-        Primary keywords, and the tables ``CAT.WCSREF``, ``WCSCAL.CAT``, ``CAT.ODI``
-        and (with ``-photcalib``) ``CAT.PHOTCALIB``, in output order.
+    (dict, list, podi_plots.QAData)
+        Primary keywords, the tables ``CAT.WCSREF``, ``WCSCAL.CAT``, ``CAT.ODI`` and
+        (with ``-photcalib``) ``CAT.PHOTCALIB`` in output order, and what the QA plots
+        show.
     """
     psf, psf_keywords = frame_psf(products)
     reference = reference_stars(refcat, first_header)
@@ -771,7 +773,49 @@ def frame_calibrations(products, refcat, first_header, options, size):
             catalog, reference, products, first_header, options, keywords["SEEING"][0], psf)
         keywords.update(photometry)
     # Made after the photometry, which calibrates the catalog's magnitudes.
-    return keywords, tables + [catalog_hdu(catalog)] + photcalib_tables
+    tables = tables + [catalog_hdu(catalog)] + photcalib_tables
+    return keywords, tables, qa_data(products, tables, catalog, keywords, first_header, size)
+
+
+def qa_data(products, tables, catalog, keywords, first_header, size):
+    """What the QA plots of a calibrated frame show (:class:`podi_plots.QAData`).
+
+    ``size`` is the OTA size in pixels: the outlines are the corners of each OTA.
+    """
+    by_name = {table.name: Table(table.data) for table in tables}
+    outlines = {}
+    for ota, result in products.items():
+        n = size - 1
+        ra, dec = podi_fixwcs.pixel_to_sky(result["header"], [0, n, n, 0], [0, 0, n, n])
+        outlines[ota] = np.column_stack([ra, dec])
+    radial = None
+    if keywords.get("RADZPFIT", (False,))[0]:
+        first = next(iter(products.values()))["header"]
+        radial = {"centre": podi_photcalib.radial_zeropoint_centre(first["CRVAL1"], first["CRVAL2"]),
+                  "p0": keywords["RADZP_P0"][0], "p1": keywords["RADZP_P1"][0]}
+    calibrated = keywords.get("PHOTCAL", (False,))[0]
+    return podi_plots.QAData(
+        obsid=str(first_header.get("OBSID", "")), object_name=str(first_header.get("OBJECT", "")),
+        filter_name=normalised_filter_name(first_header), exptime=float(first_header.get("EXPTIME", 0.0)),
+        matches=by_name["WCSCAL.CAT"], sources=catalog, outlines=outlines,
+        photcalib=by_name.get("CAT.PHOTCALIB") if calibrated else None,
+        band=keywords["PHOTBAND"][0] if calibrated else None,
+        zeropoint=keywords["PHOTZP"][0] if calibrated else None,
+        zeropoint_sd=keywords["PHOTZPSD"][0] if calibrated else None, radial=radial)
+
+
+def qa_plots(qa, output, options):
+    """Write the QA plots (:mod:`podi_plots`); a plotting problem never fails the frame."""
+    start = time.monotonic()
+    try:
+        written = podi_plots.make_plots(
+            qa, output, formats=options["plotformat"], otalevel=options["otalevelplots"],
+            qasubdirs=options["qasubdirs"], qasubdirname=options["qasubdirname"],
+            fitradial=options.get("fitradialZP", False), ncpus=options["ncpus"])
+    except Exception as error:  # noqa: BLE001 - the reduced frame is already safe on disk
+        logger.warning("QA plots failed: %s", " ".join(str(error).split()))
+        return
+    logger.info("QA plots: %d files in %.1f s", len(written), time.monotonic() - start)
 
 
 # --- The whole frame ----------------------------------------------------------------------
@@ -847,9 +891,9 @@ def collectcells(options, argv=()):
             raise ReductionError(f"{exposure.base}: every OTA failed; no output written")
         if deadline is not None and time.monotonic() > deadline:
             raise ReductionError(f"timed out after {options['timeout']:g} s; no output written")
-        keywords, tables = {}, []
+        keywords, tables, qa = {}, [], None
         if options.get("fixwcs"):
-            keywords, tables = frame_calibrations(products, refcat, first_header, options, size)
+            keywords, tables, qa = frame_calibrations(products, refcat, first_header, options, size)
             for ota, offset in sink.offsets.items():
                 stream.patch_header(offset, products[ota]["header_text"])
         for table in tables + [association_table(products)]:
@@ -863,6 +907,8 @@ def collectcells(options, argv=()):
         raise
     finally:
         buffers.remove()
+    if qa is not None and options.get("create_qaplots"):
+        qa_plots(qa, output, options)
     print(summary_line(exposure.base, primary, output, time.monotonic() - start))
     return output
 

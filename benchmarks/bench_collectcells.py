@@ -1,13 +1,14 @@
 """Benchmark: podi_collectcells on a full 13-OTA pODI exposure (run by hand).
 
-    python benchmarks/bench_collectcells.py [--ncpus N] [--repeat N] [--fixwcs] [--photcalib]
+    python benchmarks/bench_collectcells.py [--ncpus N] [--repeat N] [--fixwcs] [--photcalib] [--plots]
 
 Simulates once (cached in benchmarks/cache/) a full unbinned exposure with every
 effect and ~5,000 detectable stars, perfect masters in electrons and the camera's
 nonlinearity table, then times the reduction with bias, dark, flat, crosstalk,
 nonlinearity, gain and BPM. ``--fixwcs`` also times the run with source detection
 and the astrometric solution, ``--photcalib`` with aperture photometry and the zero
-point as well, and prints what each adds and how many sources the catalog holds.
+point as well (both without QA plots), ``--plots`` with the QA plots of the last of
+these, and prints what each adds and how many sources the catalog holds.
 Prints wall times, the time of each stage (from one OTA reduced in this process)
 and the peak memory of the whole run (master + workers).
 """
@@ -87,6 +88,8 @@ def main():
     parser.add_argument("--fixwcs", action="store_true",
                         help="also time -fixwcs against the field's reference catalog")
     parser.add_argument("--photcalib", action="store_true", help="also time -fixwcs -photcalib")
+    parser.add_argument("--plots", action="store_true",
+                        help="also time the QA plots (implies --fixwcs)")
     args = parser.parse_args()
     exposure, cals = prepare()
     output = CACHE / "reduced.fits"
@@ -95,11 +98,15 @@ def main():
         flags.append(f"-ncpus={args.ncpus}")
     base = timed_runs(exposure, output, flags, args.repeat)
     print(f"reduction: {base:.2f} s (best of {args.repeat})")
+    # Each step adds to the one before; the last turns the QA plots on.
     steps = []
-    if args.fixwcs or args.photcalib:
-        steps.append(["-fixwcs", f"-refcat={exposure.parent / (exposure.name + '.refcat.fits')}"])
+    if args.fixwcs or args.photcalib or args.plots:
+        steps.append(["-fixwcs", f"-refcat={exposure.parent / (exposure.name + '.refcat.fits')}",
+                      "-noqaplots"])
     if args.photcalib:
         steps.append(steps[0] + ["-photcalib"])
+    if args.plots:
+        steps.append([flag for flag in steps[-1] if flag != "-noqaplots"])
     previous = base
     for step in steps:
         best = timed_runs(exposure, output, flags + step, args.repeat)

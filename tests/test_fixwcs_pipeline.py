@@ -85,7 +85,7 @@ def test_source_extractor_reads_our_wcs(star_fields, tmp_path):
     exposures, cals = star_fields
     exposure = exposures[0]
     output = tmp_path / "sex.fits"
-    assert run_collectcells(exposure, output, f"-cals={cals}", "-fixwcs", "-prep4sex",
+    assert run_collectcells(exposure, output, f"-cals={cals}", "-fixwcs", "-prep4sex", "-noqaplots",
                             f"-refcat={refcat_of(exposure)}") == 0
     params = tmp_path / "sex.param"
     params.write_text("XWIN_IMAGE\nYWIN_IMAGE\nALPHAWIN_J2000\nDELTAWIN_J2000\nFLAGS\nSNR_WIN\n")

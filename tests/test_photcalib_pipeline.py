@@ -146,7 +146,8 @@ def test_catalog_without_the_band_gives_no_zero_point(star_fields, tmp_path, cap
     refcat = tmp_path / "no_r.fits"
     reference.write(refcat)
     output = tmp_path / "out.fits"
-    assert run_collectcells(exposures[1], output, f"-cals={cals}", "-photcalib", f"-refcat={refcat}") == 0
+    assert run_collectcells(exposures[1], output, f"-cals={cals}", "-photcalib", "-noqaplots",
+                            f"-refcat={refcat}") == 0
     assert "reference catalog has no r magnitudes" in caplog.text
     with fits.open(output) as hdus:
         primary = hdus[0].header
@@ -166,7 +167,7 @@ def test_seeing_and_aperture_correction_follow_the_profile(star_fields, tmp_path
     spec = small_spec(otas=STAR_FIELD_OTAS, seed=60, moffat_beta=beta, fwhm=fwhm)
     exposure = simulate_exposure(spec, tmp_path / "raw", ncpus=2)
     output = tmp_path / "out.fits"
-    assert run_collectcells(exposure, output, f"-cals={cals}", "-photcalib",
+    assert run_collectcells(exposure, output, f"-cals={cals}", "-photcalib", "-noqaplots",
                             f"-refcat={refcat_of(exposure)}") == 0
     truth = truth_of(exposure)
     primary = fits.getheader(output)

@@ -1,0 +1,254 @@
+"""QA plots (podi_plots) of a synthetic frame: names, which plots, files, failures, content."""
+
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+from matplotlib.patches import Ellipse
+
+import podi_plots
+from podi_plots import QAData, make_plots, offset_statistics, plots_to_make, qa_paths
+
+OTAS = (33, 34, 43, 44)
+#: Injected offsets (arcsec): every pair dRA cos(Dec) +0.1, dDec 0 except OTA 44 (+0.3),
+#: each with a scatter of 0.05.
+D_RA, D_DEC, D_DEC_44, SCATTER = 0.1, 0.0, 0.3, 0.05
+ZEROPOINT, ZP_SD = 26.0, 0.03
+OTA_SIDE = 0.07  # deg
+PER_OTA = ("wcs1", "wcs2", "seeing", "photZP_map")
+FULL_FRAME = PER_OTA + ("photZP", "photZP_radial")
+
+
+def ota_centre(ota):
+    """Centre (RA, Dec in deg) of an OTA near (150, 30); x grows to the east."""
+    dec = 30.0 + 0.08 * (ota % 10 - 3.5)
+    return 150.0 + 0.08 * (ota // 10 - 3.5) / math.cos(math.radians(dec)), dec
+
+
+def outline(ota):
+    ra, dec = ota_centre(ota)
+    half_ra = OTA_SIDE / 2 / math.cos(math.radians(dec))
+    return np.array([[ra - half_ra, dec - OTA_SIDE / 2], [ra + half_ra, dec - OTA_SIDE / 2],
+                     [ra + half_ra, dec + OTA_SIDE / 2], [ra - half_ra, dec + OTA_SIDE / 2]])
+
+
+def positions(rng, n):
+    """n random positions (deg) spread evenly over the four OTAs, and their OTA."""
+    ota = np.resize(np.array(OTAS), n)
+    centres = np.array([ota_centre(o) for o in ota])
+    offsets = rng.uniform(-0.03, 0.03, (n, 2))
+    return centres[:, 0] + offsets[:, 0] / np.cos(np.radians(centres[:, 1])), \
+        centres[:, 1] + offsets[:, 1], ota
+
+
+def synthetic_frame(seed=3):
+    rng = np.random.default_rng(seed)
+    ref_ra, ref_dec, ota = positions(rng, 300)
+    d_dec = np.where(ota == 44, D_DEC_44, D_DEC) + rng.normal(0, SCATTER, 300)
+    d_ra = D_RA + rng.normal(0, SCATTER, 300)
+    odi_dec = ref_dec + d_dec / 3600
+    mean_dec = np.radians(0.5 * (ref_dec + odi_dec))
+    matches = Table({"ODI_RA": ref_ra + d_ra / 3600 / np.cos(mean_dec), "ODI_DEC": odi_dec,
+                     "REF_RA": ref_ra, "REF_DEC": ref_dec, "OTA": ota.astype(np.int16)})
+
+    ra, dec, ota = positions(rng, 400)
+    flags = np.where(np.arange(400) % 40 == 0, 4, 0)
+    sources = Table({"RA": ra, "DEC": dec, "FWHM_WORLD": rng.normal(1.0, 0.08, 400) / 3600,
+                     "FLAGS": flags, "OTA": ota.astype(np.int16)})
+
+    ra, dec, ota = positions(rng, 100)
+    zp = ZEROPOINT + rng.normal(0, ZP_SD, 100)
+    used = np.ones(100, bool)
+    used[:5] = False
+    zp[:5] += np.array([-0.4, -0.3, 0.3, 0.35, 0.45])
+    photcalib = Table({"ODI_RA": ra, "ODI_DEC": dec, "OTA": ota.astype(np.int16), "ZP": zp,
+                       "ZP_ERR": np.full(100, 0.02), "ZP_USED": used,
+                       "REF_MAG_R": rng.uniform(14, 20, 100), "ODI_ERR_30": np.full(100, 0.01)})
+    return QAData(obsid="o20131119T012345.0", object_name="M 81 field", filter_name="odi_r",
+                  exptime=300.0, matches=matches, sources=sources,
+                  outlines={ota: outline(ota) for ota in OTAS}, photcalib=photcalib, band="r",
+                  zeropoint=ZEROPOINT, zeropoint_sd=ZP_SD,
+                  radial={"centre": ota_centre(33), "p0": 0.01, "p1": -0.02})
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return synthetic_frame()
+
+
+def expected_names(plots=FULL_FRAME, per_ota=PER_OTA, formats=("png",)):
+    names = {f"frame.{plot}.{fmt}" for plot in plots for fmt in formats}
+    return names | {f"frame.{plot}_OTA{ota}.{fmt}" for plot in per_ota for ota in OTAS
+                    for fmt in formats}
+
+
+def files_below(folder):
+    return {path for path in Path(folder).rglob("*") if path.is_file()}
+
+
+# --- File names ----------------------------------------------------------------------------
+
+def test_names_next_to_the_frame():
+    assert qa_paths("/night/frame.fits", "wcs1", ["png", "pdf"]) == [
+        Path("/night/frame.wcs1.png"), Path("/night/frame.wcs1.pdf")]
+    assert qa_paths("/night/frame.fits.fz", "seeing", ["png"], ota=0) == [
+        Path("/night/frame.seeing_OTA00.png")]
+    assert qa_paths("frame.fits", "photZP_map", ["png"], ota=33) == [
+        Path("frame.photZP_map_OTA33.png")]
+    assert qa_paths("/night/frame.fit", "wcs2", ["svg"]) == [Path("/night/frame.fit.wcs2.svg")]
+
+
+def test_names_in_a_qa_folder():
+    assert qa_paths("/night/frame.fits", "wcs1", ["png", "pdf"], qasubdirs=True) == [
+        Path("/night/QA/wcs1.png"), Path("/night/QA/wcs1.pdf")]
+    assert qa_paths("/night/frame.fits.fz", "wcs1", ["png"], qasubdirs=True, ota=2) == [
+        Path("/night/QA/wcs1/OTA02.png")]
+    assert qa_paths("/night/frame.fits", "seeing", ["png"], qasubdirs=True,
+                    qasubdirname="diag", ota=44) == [Path("/night/diag/seeing/OTA44.png")]
+
+
+# --- Which plots -----------------------------------------------------------------------------
+
+def test_all_plots_with_per_ota_variants(frame):
+    pairs = plots_to_make(frame, fitradial=True)
+    assert pairs[:2] == [("wcs1", None), ("wcs1", 33)]
+    assert set(pairs) == ({(plot, None) for plot in FULL_FRAME}
+                          | {(plot, ota) for plot in PER_OTA for ota in OTAS})
+
+
+def test_plots_follow_the_data(frame):
+    full = {(plot, None) for plot in FULL_FRAME}
+    assert set(plots_to_make(frame, otalevel=False, fitradial=True)) == full
+    assert set(plots_to_make(frame, otalevel=False)) == full - {("photZP_radial", None)}
+    assert set(plots_to_make(replace(frame, radial=None), otalevel=False, fitradial=True)) == \
+        full - {("photZP_radial", None)}
+    no_zp = {("wcs1", None), ("wcs2", None), ("seeing", None)}
+    assert set(plots_to_make(replace(frame, photcalib=None), otalevel=False,
+                             fitradial=True)) == no_zp
+    photometric = full - no_zp
+    assert set(plots_to_make(replace(frame, matches=None), otalevel=False,
+                             fitradial=True)) == photometric
+    assert set(plots_to_make(replace(frame, matches=frame.matches[:3]), otalevel=False,
+                             fitradial=True)) == photometric
+    assert ("wcs1", None) in plots_to_make(replace(frame, matches=frame.matches[:4]))
+    assert ("seeing", None) not in plots_to_make(replace(frame, sources=None))
+
+
+def test_per_ota_plots_only_for_otas_with_data(frame):
+    photcalib = frame.photcalib[frame.photcalib["OTA"] != 43]
+    pairs = plots_to_make(replace(frame, photcalib=photcalib))
+    assert ("photZP_map", 43) not in pairs and ("wcs1", 43) in pairs
+    # OTAs without an outline (e.g. outside -centralonly) get no plot of their own.
+    outlines = {ota: frame.outlines[ota] for ota in (33, 34)}
+    otas = {ota for _, ota in plots_to_make(replace(frame, outlines=outlines))}
+    assert otas == {None, 33, 34}
+
+
+# --- Files -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ncpus", [2, 1])
+def test_writes_every_plot(frame, tmp_path, ncpus):
+    written = make_plots(frame, tmp_path / "frame.fits", fitradial=True, ncpus=ncpus)
+    assert sorted(written) == sorted(files_below(tmp_path))
+    assert {path.name for path in written} == expected_names()
+    for path in written:
+        assert imread(path).shape[:2] == (600, 800), path.name
+
+
+def test_formats_and_qa_folder(frame, tmp_path):
+    written = make_plots(frame, tmp_path / "night" / "frame.fits.fz", formats=("png", "pdf"),
+                         otalevel=True, qasubdirs=True, ncpus=2)
+    qa = tmp_path / "night" / "QA"
+    expected = {qa / f"{plot}.{fmt}" for plot in FULL_FRAME[:-1] for fmt in ("png", "pdf")}
+    expected |= {qa / plot / f"OTA{ota}.{fmt}" for plot in PER_OTA for ota in OTAS
+                 for fmt in ("png", "pdf")}
+    assert set(written) == expected == files_below(tmp_path)
+    assert all(path.stat().st_size > 5000 for path in written)
+    assert (qa / "wcs1.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_renders_are_deterministic(frame, tmp_path):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    podi_plots.render(frame, "wcs1", 44, [first])
+    podi_plots.render(frame, "wcs1", 44, [second])
+    assert first.read_bytes() == second.read_bytes()
+
+
+# --- Failures ------------------------------------------------------------------------------
+
+def test_a_broken_plot_is_logged_and_skipped(frame, tmp_path, caplog):
+    photcalib = frame.photcalib.copy()
+    photcalib.remove_column("REF_MAG_R")
+    with caplog.at_level(logging.WARNING, logger="podi_plots"):
+        written = make_plots(replace(frame, photcalib=photcalib), tmp_path / "frame.fits",
+                             otalevel=False, ncpus=2)
+    assert {path.name for path in written} == expected_names(FULL_FRAME[:-1], ()) - {
+        "frame.photZP.png"}
+    assert [record.getMessage() for record in caplog.records] == [
+        "QA plot photZP skipped: KeyError: 'REF_MAG_R'"]
+
+
+def test_zero_points_all_nan_cost_only_the_photometric_plots(frame, tmp_path, caplog):
+    photcalib = frame.photcalib.copy()
+    photcalib["ZP"] = np.nan
+    with caplog.at_level(logging.WARNING, logger="podi_plots"):
+        written = make_plots(replace(frame, photcalib=photcalib), tmp_path / "frame.fits",
+                             otalevel=False, fitradial=True, ncpus=1)
+    assert {path.name for path in written} == expected_names(PER_OTA[:3], ())
+    assert len(caplog.records) == 3
+    assert all("no finite zero point" in record.getMessage() for record in caplog.records)
+
+
+def test_a_plot_that_raises_while_drawing_spares_the_others(frame, tmp_path, caplog, monkeypatch):
+    def broken(figure, data, ota):
+        raise RuntimeError("cannot\ndraw")
+
+    monkeypatch.setitem(podi_plots.PLOTS, "wcs2",
+                        podi_plots.PlotKind(broken, podi_plots.wcs_pairs, True))
+    with caplog.at_level(logging.WARNING, logger="podi_plots"):
+        written = make_plots(frame, tmp_path / "frame.fits", ncpus=2)
+    assert not any("wcs2" in path.name for path in written)
+    assert len(written) == len(expected_names(FULL_FRAME[:-1])) - 5
+    assert "QA plot wcs2 OTA34 skipped: RuntimeError: cannot draw" in caplog.text
+
+
+# --- Content -----------------------------------------------------------------------------------
+
+def test_offset_statistics_recover_the_injected_offsets(frame):
+    overall = offset_statistics(frame.matches)
+    assert overall.n == 300
+    assert overall.median_ra == pytest.approx(D_RA, abs=0.01)
+    assert overall.rms_ra == pytest.approx(math.hypot(D_RA, SCATTER), abs=0.01)
+    # A quarter of the pairs (OTA 44) are 0.3" off in Dec.
+    assert overall.rms_dec == pytest.approx(math.sqrt(SCATTER**2 + D_DEC_44**2 / 4), abs=0.01)
+    assert overall.rms == pytest.approx(math.hypot(overall.rms_ra, overall.rms_dec))
+    ota44, ota33 = offset_statistics(frame.matches, 44), offset_statistics(frame.matches, 33)
+    assert ota44.n == ota33.n == 75
+    assert ota44.median_dec == pytest.approx(D_DEC_44, abs=0.02)
+    assert ota33.median_dec == pytest.approx(D_DEC, abs=0.02)
+    assert ota33.rms_dec == pytest.approx(SCATTER, abs=0.01)
+
+
+def test_offsets_across_ra_zero():
+    matches = Table({"ODI_RA": [0.0001], "ODI_DEC": [60.0], "REF_RA": [359.9999],
+                     "REF_DEC": [60.0], "OTA": [33]})
+    d_ra, d_dec = podi_plots.sky_offsets(matches)
+    assert d_ra[0] == pytest.approx(0.0002 * 3600 * 0.5) and d_dec[0] == 0
+
+
+def test_scatter_ellipses_show_the_statistics(frame):
+    figure = Figure()
+    podi_plots.draw_wcs_scatter(figure, frame, 44)
+    ellipses = [p for p in figure.axes[0].patches if isinstance(p, Ellipse)]
+    for ellipse, stats in zip(ellipses, (offset_statistics(frame.matches),
+                                         offset_statistics(frame.matches, 44))):
+        assert ellipse.center == pytest.approx((stats.median_ra, stats.median_dec))
+        assert (ellipse.width, ellipse.height) == pytest.approx((2 * stats.rms_ra,
+                                                                 2 * stats.rms_dec))
+    assert len(ellipses) == 2
