@@ -621,6 +621,9 @@ def source_catalog(products):
         table = Table(table, meta={})
         table.add_column(ra, name="RA", index=0)
         table.add_column(dec, name="DEC", index=1)
+        table["RA"].unit = table["DEC"].unit = "deg"
+        for name in ("FLUX", "FLUX_ERR", "FLUX_MAX", "BACKGROUND"):
+            table[name].unit = result["header"]["BUNIT"]
         tables.append(table)
     return vstack(tables) if tables else Table()
 

@@ -810,4 +810,17 @@ def _table(columns, meta):
         # Positions keep float64: float32 resolves only ~0.0002 px at x ~ 4000.
         if name not in ("X", "Y", "XWIN", "YWIN"):
             table[name] = table[name].astype(np.float32)
+    for name in COLUMNS:
+        table[name].unit = column_unit(name)
     return table
+
+
+def column_unit(name):
+    """FITS unit of a ``CAT.ODI`` column (None: dimensionless or the image's ``BUNIT``)."""
+    if name.startswith(("MAG_", "MAGERR_")):
+        return "mag"
+    if name in ("FWHM_WORLD", "THETAWIN_IMAGE"):
+        return "deg"
+    if name in ("X", "Y", "XWIN", "YWIN", "FWHM_IMAGE", "AWIN_IMAGE", "BWIN_IMAGE"):
+        return "pix"
+    return None

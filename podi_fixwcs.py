@@ -659,7 +659,7 @@ def solve_wcs(sources, headers, refcat, max_offset_arcmin=5.0, max_rotation_deg=
     for max_offset in (max_offset_arcmin * 60.0, 2 * max_offset_arcmin * 60.0):
         in_area = _reference_in_area(catalog, ref, max_offset, max_rotation_deg)
         reference = Table({"RA": np.asarray(refcat["ra"], float)[in_area],
-                           "DEC": np.asarray(refcat["dec"], float)[in_area]})
+                           "DEC": np.asarray(refcat["dec"], float)[in_area]}, units=("deg", "deg"))
         if len(reference) < MIN_REFERENCE:
             return _fail(f"{len(reference)} reference stars in the field (need {MIN_REFERENCE})",
                          headers, keywords, reference)
@@ -827,6 +827,9 @@ def _final_match(catalog, refined, ref_tree, reference, radius):
                      "REF_RA": ref_ra, "REF_DEC": ref_dec,
                      "OTA": catalog.ota[src_index].astype(np.int16)})
     matches["D_RA"], matches["D_DEC"] = d_ra, d_dec
+    for name, unit in (("ODI_RA", "deg"), ("ODI_DEC", "deg"), ("REF_RA", "deg"),
+                       ("REF_DEC", "deg"), ("D_RA", "arcsec"), ("D_DEC", "arcsec")):
+        matches[name].unit = unit
     return matches, _statistics(d_ra, d_dec)
 
 

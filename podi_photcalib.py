@@ -508,6 +508,11 @@ def photcalib_table(sources, reference, src_index, ref_index, zp, err, used, mat
     table["ZP"] = np.asarray(zp, np.float32)
     table["ZP_ERR"] = np.asarray(err, np.float32)
     table["ZP_USED"] = np.asarray(used, bool)
+    for name in table.colnames:
+        if name.endswith(("_RA", "_DEC", "_FWHM")):
+            table[name].unit = "deg"
+        elif name.startswith(("ODI_MAG", "ODI_ERR", "REF_MAG", "REF_ERR", "ZP")) and name != "ZP_USED":
+            table[name].unit = "mag"
     return table
 
 

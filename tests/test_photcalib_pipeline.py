@@ -175,3 +175,17 @@ def test_seeing_and_aperture_correction_follow_the_profile(star_fields, tmp_path
     assert primary["SEEING"] == pytest.approx(fwhm, rel=0.05)
     assert primary["PHOTZP"] == pytest.approx(truth["PHOTZP3"], abs=0.01)
     assert primary["PHOTZP"] + primary["APCORR"] == pytest.approx(truth["PHOTZPT"], abs=0.01)
+
+
+def test_catalog_columns_carry_units(calibrated_fields):
+    """TOPCAT and astropy read the units of every table column from TUNITn."""
+    _, output, _ = calibrated_fields[0]
+    catalog = Table.read(output, hdu="CAT.ODI")
+    assert (catalog["RA"].unit, catalog["XWIN"].unit, catalog["MAG_D30"].unit) == ("deg", "pix", "mag")
+    assert catalog["FWHM_WORLD"].unit == "deg" and catalog["FLUX"].unit == "adu"
+    assert catalog["FLAGS"].unit is None
+    photcalib = Table.read(output, hdu="CAT.PHOTCALIB")
+    assert (photcalib["ODI_RA"].unit, photcalib["ZP"].unit, photcalib["REF_MAG_R"].unit) == ("deg", "mag", "mag")
+    matches = Table.read(output, hdu="WCSCAL.CAT")
+    assert (matches["REF_DEC"].unit, matches["D_RA"].unit) == ("deg", "arcsec")
+    assert Table.read(output, hdu="CAT.WCSREF")["RA"].unit == "deg"
