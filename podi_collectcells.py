@@ -595,18 +595,15 @@ def seeing_keywords(products):
     ``SEEING`` is the 3-sigma-clipped median of the unflagged sources (cosmic rays
     and hot pixels are already rejected by :mod:`podi_findstars`).
     """
-    every = np.concatenate([np.asarray(r["sources"]["FWHM_WORLD"], float) for r in products.values()]) * 3600
+    every = np.concatenate([np.asarray(r["sources"]["FWHM_WORLD"], float) for r in products.values()])
     flags = np.concatenate([np.asarray(r["sources"]["FLAGS"]) for r in products.values()])
-    clean = every[(flags == 0) & np.isfinite(every)]
-    if not clean.size:
+    clean = every[(flags == 0) & np.isfinite(every)] * 3600
+    seeing, n_stars = podi_findstars.clipped_seeing(clean / 3600)
+    if not n_stars:
         return {"SEEING": (-1.0, "no unflagged source")}
-    kept = clean
-    for _ in range(3):
-        median, sigma = np.median(kept), 1.4826 * np.median(np.abs(kept - np.median(kept)))
-        kept = clean[np.abs(clean - median) <= 3 * sigma] if sigma > 0 else kept
-    return {"SEEING": (round(float(np.median(kept)), 4), "FWHM of stars, clipped median (arcsec)"),
-            "SEEING_N": (int(kept.size), "stars in SEEING"),
-            "FWHM_ALL": (round(float(np.nanmedian(every)), 4), "median FWHM of all sources (arcsec)"),
+    return {"SEEING": (round(seeing, 4), "FWHM of stars, clipped median (arcsec)"),
+            "SEEING_N": (n_stars, "stars in SEEING"),
+            "FWHM_ALL": (round(float(np.nanmedian(every)) * 3600, 4), "median FWHM of all sources (arcsec)"),
             "FWHM_FLT": (round(float(np.median(clean)), 4), "median FWHM, unflagged sources (arcsec)"),
             "FWHMNFLT": (int(clean.size), "unflagged sources")}
 

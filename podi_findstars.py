@@ -56,6 +56,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import sep
+from astropy.stats import sigma_clip
 from astropy.table import Table
 from scipy.optimize import least_squares
 from scipy.spatial import cKDTree
@@ -380,6 +381,17 @@ def fit_moffat_growth(growth, radii, outer):
     except np.linalg.LinAlgError:
         return None
     return MoffatFit(float(fit.x[0]), float(fit.x[1]), covariance, len(growth))
+
+
+def clipped_seeing(fwhm_deg):
+    """Seeing (arcsec) and the number of stars behind it: the 3-sigma clipped median
+    (sigma from the MAD) of ``FWHM_WORLD`` (deg) x 3600; (NaN, 0) without values."""
+    fwhm = np.asarray(fwhm_deg, float) * 3600.0
+    fwhm = fwhm[np.isfinite(fwhm) & (fwhm > 0)]
+    if len(fwhm) == 0:
+        return math.nan, 0
+    kept = sigma_clip(fwhm, sigma=3.0, maxiters=10, stdfunc="mad_std")
+    return float(np.ma.median(kept)), int(kept.count())
 
 
 def growth_curves(image, x, y, background, radii, fwhm, candidates):

@@ -50,7 +50,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from astropy.stats import sigma_clip
 from astropy.table import Table
 from scipy.optimize import brentq
 from scipy.spatial import cKDTree
@@ -306,17 +305,6 @@ def clip_zeropoints(zp, err):
         keep = new_keep
         centre, _, scatter = combine_zeropoints(zp[keep], err[keep])
     return keep
-
-
-def clipped_seeing(fwhm_deg):
-    """Seeing (arcsec) and number of stars behind it: the 3-sigma clipped median of
-    ``FWHM_WORLD`` (deg) x 3600, with a MAD-based sigma; (NaN, 0) without values."""
-    fwhm = np.asarray(fwhm_deg, float) * 3600.0
-    fwhm = fwhm[np.isfinite(fwhm) & (fwhm > 0)]
-    if len(fwhm) == 0:
-        return math.nan, 0
-    kept = sigma_clip(fwhm, sigma=CLIP_SIGMA, maxiters=MAX_CLIP_ITERATIONS, stdfunc="mad_std")
-    return float(np.ma.median(kept)), int(kept.count())
 
 
 def fit_radial_zeropoint(ra, dec, zp, err, centre):
@@ -669,7 +657,7 @@ def calibrate(sources, reference, filter_name, exptime, airmass=None, catalog_na
     mean, error, scatter = combine_zeropoints(zp[keep], err[keep])
     keywords.update(_zeropoint_keywords(zp[keep], len(zp), mean, error, scatter, exptime, band,
                                         airmass, colour_term))
-    seeing, n_seeing = clipped_seeing(table["ODI_FWHM"][keep])
+    seeing, n_seeing = podi_findstars.clipped_seeing(table["ODI_FWHM"][keep])
     if n_seeing:
         keywords["SEEING"] = (round(seeing, 4), "[arcsec] clipped median FWHM of ZP stars")
         keywords["SEEING_N"] = (n_seeing, "stars behind SEEING")

@@ -7,7 +7,6 @@ import types
 import numpy as np
 import pytest
 from astropy.coordinates import SkyCoord
-from astropy.io import fits
 from astropy.table import Table
 
 import podi_ipprefcat as rc

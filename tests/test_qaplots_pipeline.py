@@ -1,7 +1,5 @@
 """QA plots through the whole program: which files, where, and that they never cost a frame."""
 
-import pytest
-
 import podi_plots
 from conftest import refcat_of, run_collectcells
 
