@@ -38,24 +38,21 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table, vstack
+from astropy.table import Table
 from astropy.wcs import WCS
 
 import podi_findstars
-import podi_fixwcs
+import podi_framecalib
 import podi_ipprefcat
-import podi_photcalib
 import podi_plots
 import podi_wcs
 from podi_calibfiles import CalibrationNotFound, resolve_calibrations
 from podi_commandline import HelpRequested, OptionError, expand_output_name, parse_commandline, usage
-from podi_definitions import (FULL_FIELD_FILTERS, PIPELINE_NAME, PIPELINE_VERSION, cell_geometry,
-                              is_guide_ota, layout_for_mjd, normalised_filter_name)
-from podi_mef import (CalibrationError, StreamedMEF, check_calibration_binning,
-                      header_text_with_checksum)
+from podi_definitions import PIPELINE_NAME, PIPELINE_VERSION, cell_geometry, layout_for_mjd
+from podi_mef import CalibrationError, StreamedMEF, check_calibration_binning
 from podi_rawdata import RawDataError, find_exposure, open_raw_ota
 from podi_reduceota import ReductionSettings, reduce_ota
-from podi_sky import sky_samples, sky_statistics
+from podi_sky import global_sky, sky_samples, sky_statistics
 
 logger = logging.getLogger("podi_collectcells")
 
@@ -204,6 +201,10 @@ def move_inherited_keywords(header):
             header.remove(key, remove_all=True)
     header["INHERIT"] = (True, "inherit the primary header")
     return moved
+
+
+#: Blank cards kept in each extension header for the keywords of the WCS solution.
+WCS_SPARE_CARDS = 72
 
 
 def finish_buffer(products, image):
@@ -476,22 +477,6 @@ def primary_header(first_header, products, failures, options, argv):
     return primary
 
 
-def global_sky(products, first_header):
-    """Median sky level and pixel noise over the OTAs used for photometry (BUNIT).
-
-    Full-field filters use every OTA, others the central 3x3; guide OTAs never.
-    """
-    layout = layout_for_mjd(first_header.get("MJD-OBS", 0.0))
-    full_field = normalised_filter_name(first_header) in FULL_FIELD_FILTERS
-    chosen = [r for ota, r in products.items()
-              if (full_field or ota in layout.central_3x3)
-              and not is_guide_ota(str(r["header"].get("CELLMODE", "")))] or list(products.values())
-    samples = np.concatenate([r["sky_samples"] for r in chosen])
-    if not len(samples):
-        return math.nan, math.nan
-    return float(np.median(samples["level"])), float(np.median(samples["noise"]))
-
-
 def association_table(products):
     """``ASSOCIATIONS``: every input and calibration file by reduction step."""
     rows = []
@@ -528,169 +513,7 @@ class OrderedSink:
             self.buffers.paths[ota].unlink(missing_ok=True)
 
 
-# --- Astrometry ---------------------------------------------------------------------------
-
-#: Source flags that keep a detection out of the WCS fit.
-_WCS_BAD_FLAGS = (podi_findstars.FLAG_SATURATED | podi_findstars.FLAG_NEAR_UNDEFINED
-                  | podi_findstars.FLAG_TRUNCATED)
-
-#: Blank cards kept in each extension header for the keywords of the WCS solution.
-WCS_SPARE_CARDS = 72
-
-#: Radius (degrees) of the reference-catalog query around the pointing: the focal
-#: plane's extent plus the largest pointing error searched for.
-_REFCAT_RADIUS = 1.0
-
-
-def reference_stars(refcat, first_header):
-    """Reference stars around the pointing, at the epoch of the exposure."""
-    ra, dec = podi_wcs.parse_pointing(first_header)
-    mjd = float(first_header.get("MJD-OBS", 51544.5))
-    return refcat.query(ra, dec, _REFCAT_RADIUS, epoch=2000.0 + (mjd - 51544.5) / 365.25)
-
-
-def catalog_name(options):
-    """Name of the reference catalog for ``ASTRMCAT`` and ``PHOTMCAT``."""
-    return Path(str(options.get("refcat") or os.environ.get("PODI_REFCAT", ""))).name or "unknown"
-
-
-def astrometric_calibration(products, reference, options, size):
-    """``-fixwcs``: fit every OTA's WCS to the reference catalog (:mod:`podi_fixwcs`).
-
-    Updates the OTA headers of ``products`` (and their header text) in place.
-
-    Returns
-    -------
-    (bool, dict, list)
-        Whether the WCS was calibrated, primary keywords, and the tables ``CAT.WCSREF``
-        and ``WCSCAL.CAT``.
-    """
-    sources, headers = {}, {}
-    for ota, result in products.items():
-        table = result["sources"]
-        good = table[(table["FLAGS"] & _WCS_BAD_FLAGS) == 0]
-        sources[ota] = (np.asarray(good["XWIN"]) - 1, np.asarray(good["YWIN"]) - 1)
-        headers[ota] = result["header"]
-    solution = podi_fixwcs.solve_wcs(sources, headers, reference, ota_size=size)
-    if not solution.success:
-        logger.warning("-fixwcs: %s; the canned WCS is kept (WCSCAL = F)", solution.message)
-    for ota, header in solution.headers.items():
-        result = products[ota]
-        for key in ("CRVAL1", "CRVAL2", "CD1_1", "CD1_2", "CD2_1", "CD2_2"):
-            result["header"][key] = header[key]
-        for key, card in solution.ota_keywords.get(ota, {}).items():
-            result["header"][key] = card
-        result["header_text"] = header_text_with_checksum(result["header"])
-    keywords = dict(solution.keywords)
-    keywords.update(seeing_keywords(products))
-    keywords["ASTRMCAT"] = (catalog_name(options)[:68], "astrometric reference catalog")
-    tables = [fits.BinTableHDU(solution.reference, name="CAT.WCSREF"),
-              fits.BinTableHDU(solution.matches, name="WCSCAL.CAT")]
-    return solution.success, keywords, tables
-
-
-def seeing_keywords(products):
-    """Seeing from the detected stars: ``FWHM_WORLD`` (through each OTA's local pixel scale).
-
-    ``SEEING`` is the 3-sigma-clipped median of the unflagged sources (cosmic rays
-    and hot pixels are already rejected by :mod:`podi_findstars`).
-    """
-    every = np.concatenate([np.asarray(r["sources"]["FWHM_WORLD"], float) for r in products.values()])
-    flags = np.concatenate([np.asarray(r["sources"]["FLAGS"]) for r in products.values()])
-    clean = every[(flags == 0) & np.isfinite(every)] * 3600
-    seeing, n_stars = podi_findstars.clipped_seeing(clean / 3600)
-    if not n_stars:
-        return {"SEEING": (-1.0, "no unflagged source")}
-    return {"SEEING": (round(seeing, 4), "FWHM of stars, clipped median (arcsec)"),
-            "SEEING_N": (n_stars, "stars in SEEING"),
-            "FWHM_ALL": (round(float(np.nanmedian(every)) * 3600, 4), "median FWHM of all sources (arcsec)"),
-            "FWHM_FLT": (round(float(np.median(clean)), 4), "median FWHM, unflagged sources (arcsec)"),
-            "FWHMNFLT": (int(clean.size), "unflagged sources")}
-
-
-def source_catalog(products):
-    """``CAT.ODI``: every detected source with RA/Dec through its OTA's final WCS."""
-    tables = []
-    for ota, result in products.items():
-        table = result["sources"]
-        ra, dec = podi_fixwcs.pixel_to_sky(result["header"], np.asarray(table["XWIN"]) - 1,
-                                           np.asarray(table["YWIN"]) - 1)
-        table = Table(table, meta={})
-        table.add_column(ra, name="RA", index=0)
-        table.add_column(dec, name="DEC", index=1)
-        table["RA"].unit = table["DEC"].unit = "deg"
-        for name in ("FLUX", "FLUX_ERR", "FLUX_MAX", "BACKGROUND"):
-            table[name].unit = result["header"]["BUNIT"]
-        tables.append(table)
-    return vstack(tables) if tables else Table()
-
-
-#: Primary keywords copied into the CAT.PHOTCALIB header (facts 1.6).
-PHOTCALIB_HEADER_KEYWORDS = ("AIRMASS", "FILTER", "FILTERID", "MJD-OBS", "OBSID", "EXPTIME",
-                             "EXPMEAS", "TELFOCUS", "ROTSTART", "ROTEND", "ADCMODE")
-
-
-def photometric_calibration(catalog, reference, products, first_header, options, seeing, psf):
-    """``-photcalib``: zero point, aperture correction, sky brightness and depth.
-
-    Calibrates the ``MAG_Dnn`` columns of ``catalog`` (``CAT.ODI``) in place where a
-    zero point exists: instrumental + ``PHOTZP_X`` + ``APCORR`` (DECISIONS 12), i.e.
-    the calibrated magnitude of the light inside each aperture.
-
-    ``seeing`` (arcsec) and ``psf`` (:func:`frame_psf`, may be None) give the aperture
-    correction.
-
-    Returns
-    -------
-    (dict, list)
-        Primary keywords (:mod:`podi_photcalib`) and the table ``CAT.PHOTCALIB``.
-    """
-    name = catalog_name(options)
-    exptime = float(first_header.get("EXPTIME", 0.0))
-    if not exptime > 0:
-        message = f"EXPTIME is {exptime:g} s"
-        logger.warning("-photcalib: %s; no zero point", message)
-        return {"PHOTCAL": (False, "photometric calibration done"),
-                "PHOTMSG": (message, "why there is no zero point")}, []
-    first = next(iter(products.values()))["header"]
-    centre = (podi_photcalib.radial_zeropoint_centre(first["CRVAL1"], first["CRVAL2"])
-              if options.get("fitradialZP") else None)
-    airmass = first_header.get("AIRMASS")
-    result = podi_photcalib.calibrate(catalog, reference, normalised_filter_name(first_header),
-                                      exptime, airmass=float(airmass) if airmass is not None else None,
-                                      catalog_name=name, radial_centre=centre,
-                                      colour_terms=podi_photcalib.ORIGINAL_COLOUR_TERMS
-                                      if options.get("colourterms") else None)
-    table = fits.BinTableHDU(result.table, name="CAT.PHOTCALIB")
-    for key in PHOTCALIB_HEADER_KEYWORDS:
-        if key in first_header:
-            table.header[key] = first_header[key]
-    keywords = dict(result.keywords)
-    if not result.success:
-        logger.warning("-photcalib: %s; no zero point (PHOTCAL = F)", result.message)
-        return keywords, [table]
-    seeing = keywords.get("SEEING", (seeing,))[0]
-    keywords.update(podi_photcalib.aperture_correction(psf, seeing))
-    zeropoint = keywords["PHOTZP_X"][0] + keywords["APCORR"][0]
-    sky, noise = global_sky(products, first_header)
-    scale = float(np.median([r["pixel_scale"] for r in products.values()]))
-    beta = psf.beta if psf is not None else podi_findstars.DEFAULT_MOFFAT_BETA
-    keywords.update(podi_photcalib.sky_and_depth(zeropoint, sky, noise, scale, seeing, beta))
-    for tag in podi_photcalib.APERTURES:
-        catalog[f"MAG_D{tag}"] += np.float32(zeropoint)
-    catalog.meta["MAGZP"] = zeropoint
-    return keywords, [table]
-
-
-def catalog_hdu(catalog):
-    """``CAT.ODI`` as a table HDU; its header says whether the magnitudes are calibrated."""
-    zeropoint = catalog.meta.pop("MAGZP", None)
-    hdu = fits.BinTableHDU(catalog, name="CAT.ODI")
-    hdu.header["MAGCALIB"] = (zeropoint is not None, "MAG_Dnn calibrated (else instrumental)")
-    if zeropoint is not None:
-        hdu.header["MAGZP"] = (round(float(zeropoint), 5), "added to -2.5log10(ADU): PHOTZP_X+APCORR")
-    return hdu
-
+# --- The run's summary and QA plots ----------------------------------------------------
 
 def summary_line(base, primary, output, seconds):
     """The one line printed per frame: OTAs, seeing, zero point, sky, depth, WCS, time."""
@@ -712,96 +535,6 @@ def summary_line(base, primary, output, seconds):
     elif "WCSCAL" in primary:
         parts.append("WCS not calibrated")
     return f"{base}: {', '.join(parts)}, {seconds:.1f} s -> {output}"
-
-
-def frame_psf(products):
-    """The frame's Moffat PSF from the bright stars' curves of growth.
-
-    :func:`podi_findstars.fit_moffat_growth` over the stars of all OTAs. Each
-    source's FWHM, from its half-light radius under an assumed beta, is then scaled
-    so that the median over the fitted stars equals the fitted FWHM: ``FWHM_IMAGE``,
-    ``FWHM_WORLD`` and ``SEEING`` become unbiased for the frame's actual profile.
-
-    Returns
-    -------
-    (podi_findstars.MoffatFit or None, dict)
-        The fit (FWHM in arcsec) and the keywords ``PSFFWHM``, ``PSFBETA``, ``PSF_N``.
-    """
-    sources = [result["sources"] for result in products.values()]
-    growth = np.concatenate([table.meta["GROWTH"] for table in sources])
-    outer = np.concatenate([np.full(len(table.meta["GROWTH"]), table.meta["GROWTH_R"])
-                            for table in sources])
-    radii = np.array(list(podi_findstars.APERTURE_DIAMETERS.values())) / 2
-    psf = podi_findstars.fit_moffat_growth(growth, radii, outer)
-    if psf is None:
-        logger.warning("-fixwcs: %d bright isolated stars, too few for a PSF fit; FWHMs "
-                       "assume a Moffat beta of %g", len(growth), podi_findstars.DEFAULT_MOFFAT_BETA)
-        return None, {"PSF_N": (len(growth), "bright isolated stars: too few for a PSF fit")}
-    scale = psf.fwhm / float(np.median(np.concatenate([t.meta["GROWTH_FWHM"] for t in sources])))
-    for table in sources:
-        for column in ("FWHM_IMAGE", "FWHM_WORLD"):
-            table[column] *= np.float32(scale)
-    return psf, {"PSFFWHM": (round(psf.fwhm, 4), "[arcsec] FWHM of the Moffat PSF fit"),
-                 "PSFBETA": (round(psf.beta, 3), "beta of the Moffat PSF fit"),
-                 "PSF_N": (psf.n_stars, "bright isolated stars in the PSF fit")}
-
-
-def frame_calibrations(products, refcat, first_header, options, size):
-    """``-fixwcs`` and ``-photcalib`` on the collected OTAs.
-
-    Updates the OTA headers (and header texts) of ``products``; the caller writes them.
-
-    Returns
-    -------
-    (dict, list, podi_plots.QAData)
-        Primary keywords, the tables ``CAT.WCSREF``, ``WCSCAL.CAT``, ``CAT.ODI`` and
-        (with ``-photcalib``) ``CAT.PHOTCALIB`` in output order, and what the QA plots
-        show.
-    """
-    psf, psf_keywords = frame_psf(products)
-    reference = reference_stars(refcat, first_header)
-    calibrated, keywords, tables = astrometric_calibration(products, reference, options, size)
-    keywords.update(psf_keywords)
-    catalog = source_catalog(products)
-    photcalib_tables = []
-    if options.get("photcalib") and not calibrated:
-        logger.warning("-photcalib: no zero point without a calibrated WCS (PHOTCAL = F)")
-        keywords.update(PHOTCAL=(False, "photometric calibration done"),
-                        PHOTMSG=("WCS not calibrated", "why there is no zero point"))
-    elif options.get("photcalib"):
-        photometry, photcalib_tables = photometric_calibration(
-            catalog, reference, products, first_header, options, keywords["SEEING"][0], psf)
-        keywords.update(photometry)
-    # Made after the photometry, which calibrates the catalog's magnitudes.
-    tables = tables + [catalog_hdu(catalog)] + photcalib_tables
-    return keywords, tables, qa_data(products, tables, catalog, keywords, first_header, size)
-
-
-def qa_data(products, tables, catalog, keywords, first_header, size):
-    """What the QA plots of a calibrated frame show (:class:`podi_plots.QAData`).
-
-    ``size`` is the OTA size in pixels: the outlines are the corners of each OTA.
-    """
-    by_name = {table.name: Table(table.data) for table in tables}
-    outlines = {}
-    for ota, result in products.items():
-        n = size - 1
-        ra, dec = podi_fixwcs.pixel_to_sky(result["header"], [0, n, n, 0], [0, 0, n, n])
-        outlines[ota] = np.column_stack([ra, dec])
-    radial = None
-    if keywords.get("RADZPFIT", (False,))[0]:
-        first = next(iter(products.values()))["header"]
-        radial = {"centre": podi_photcalib.radial_zeropoint_centre(first["CRVAL1"], first["CRVAL2"]),
-                  "p0": keywords["RADZP_P0"][0], "p1": keywords["RADZP_P1"][0]}
-    calibrated = keywords.get("PHOTCAL", (False,))[0]
-    return podi_plots.QAData(
-        obsid=str(first_header.get("OBSID", "")), object_name=str(first_header.get("OBJECT", "")),
-        filter_name=normalised_filter_name(first_header), exptime=float(first_header.get("EXPTIME", 0.0)),
-        matches=by_name["WCSCAL.CAT"], sources=catalog, outlines=outlines,
-        photcalib=by_name.get("CAT.PHOTCALIB") if calibrated else None,
-        band=keywords["PHOTBAND"][0] if calibrated else None,
-        zeropoint=keywords["PHOTZP"][0] if calibrated else None,
-        zeropoint_sd=keywords["PHOTZPSD"][0] if calibrated else None, radial=radial)
 
 
 def qa_plots(qa, output, options):
@@ -893,7 +626,8 @@ def collectcells(options, argv=()):
             raise ReductionError(f"timed out after {options['timeout']:g} s; no output written")
         keywords, tables, qa = {}, [], None
         if options.get("fixwcs"):
-            keywords, tables, qa = frame_calibrations(products, refcat, first_header, options, size)
+            keywords, tables, qa = podi_framecalib.frame_calibrations(products, refcat, first_header,
+                                                                      options, size)
             for ota, offset in sink.offsets.items():
                 stream.patch_header(offset, products[ota]["header_text"])
         for table in tables + [association_table(products)]:
