@@ -44,7 +44,6 @@ from astropy.wcs import WCS
 import podi_findstars
 import podi_framecalib
 import podi_ipprefcat
-import podi_plots
 import podi_wcs
 from podi_calibfiles import CalibrationNotFound, resolve_calibrations
 from podi_commandline import HelpRequested, OptionError, expand_output_name, parse_commandline, usage
@@ -537,12 +536,16 @@ def summary_line(base, primary, output, seconds):
     return f"{base}: {', '.join(parts)}, {seconds:.1f} s -> {output}"
 
 
-def qa_plots(qa, output, options):
-    """Write the QA plots (:mod:`podi_plots`); a plotting problem never fails the frame."""
+def qa_plots(products, tables, keywords, first_header, size, output, options):
+    """Write the QA plots (:mod:`podi_plots`); a plotting problem never fails the frame.
+
+    ``tables`` and ``keywords`` are :func:`podi_framecalib.frame_calibrations`' results.
+    """
     start = time.monotonic()
     try:
+        import podi_plots  # loaded only for plots: see podi_framecalib.qa_data
         written = podi_plots.make_plots(
-            qa, output, formats=options["plotformat"], otalevel=options["otalevelplots"],
+            podi_framecalib.qa_data(products, tables, keywords, first_header, size), output, formats=options["plotformat"], otalevel=options["otalevelplots"],
             qasubdirs=options["qasubdirs"], qasubdirname=options["qasubdirname"],
             fitradial=options.get("fitradialZP", False), ncpus=options["ncpus"])
     except Exception as error:  # noqa: BLE001 - the reduced frame is already safe on disk
@@ -624,10 +627,10 @@ def collectcells(options, argv=()):
             raise ReductionError(f"{exposure.base}: every OTA failed; no output written")
         if deadline is not None and time.monotonic() > deadline:
             raise ReductionError(f"timed out after {options['timeout']:g} s; no output written")
-        keywords, tables, qa = {}, [], None
+        keywords, tables = {}, []
         if options.get("fixwcs"):
-            keywords, tables, qa = podi_framecalib.frame_calibrations(products, refcat, first_header,
-                                                                      options, size)
+            keywords, tables = podi_framecalib.frame_calibrations(products, refcat, first_header,
+                                                                  options, size)
             for ota, offset in sink.offsets.items():
                 stream.patch_header(offset, products[ota]["header_text"])
         for table in tables + [association_table(products)]:
@@ -641,8 +644,8 @@ def collectcells(options, argv=()):
         raise
     finally:
         buffers.remove()
-    if qa is not None and options.get("create_qaplots"):
-        qa_plots(qa, output, options)
+    if options.get("fixwcs") and options.get("create_qaplots"):
+        qa_plots(products, tables, keywords, first_header, size, output, options)
     print(summary_line(exposure.base, primary, output, time.monotonic() - start))
     return output
 

@@ -58,7 +58,6 @@ import numpy as np
 import sep
 from astropy.stats import sigma_clip
 from astropy.table import Table
-from scipy.optimize import least_squares
 from scipy.spatial import cKDTree
 
 log = logging.getLogger(__name__)
@@ -367,6 +366,9 @@ def fit_moffat_growth(growth, radii, outer):
     def residuals(params):
         return (growth - moffat_enclosed(radii, *params)
                 / moffat_enclosed(outer, *params)[:, None]).ravel()
+
+    # scipy.optimize costs 0.2 s of start-up, which only -fixwcs runs should pay.
+    from scipy.optimize import least_squares
 
     # Start: the radius holding half the light of the median curve is ~0.6 FWHM.
     half = np.interp(0.5, np.median(growth, axis=0), radii)

@@ -11,7 +11,8 @@ is reduced and its sources are detected (:mod:`podi_findstars`, in the workers):
 4. With ``-photcalib``, :func:`photometric_calibration`: zero point, aperture
    correction, sky brightness and depth (:mod:`podi_photcalib`); the catalog's
    magnitudes are calibrated.
-5. :func:`qa_data`: what the QA plots show (:mod:`podi_plots`).
+
+:func:`qa_data` then collects what the QA plots show (:mod:`podi_plots`).
 """
 
 import logging
@@ -25,7 +26,6 @@ from astropy.table import Table, vstack
 import podi_findstars
 import podi_fixwcs
 import podi_photcalib
-import podi_plots
 import podi_wcs
 from podi_definitions import normalised_filter_name
 from podi_mef import header_text_with_checksum
@@ -232,10 +232,9 @@ def frame_calibrations(products, refcat, first_header, options, size):
 
     Returns
     -------
-    (dict, list, podi_plots.QAData)
-        Primary keywords, the tables ``CAT.WCSREF``, ``WCSCAL.CAT``, ``CAT.ODI`` and
-        (with ``-photcalib``) ``CAT.PHOTCALIB`` in output order, and what the QA plots
-        show.
+    (dict, list)
+        Primary keywords, and the tables ``CAT.WCSREF``, ``WCSCAL.CAT``, ``CAT.ODI`` and
+        (with ``-photcalib``) ``CAT.PHOTCALIB`` in output order.
     """
     psf, psf_keywords = frame_psf(products)
     reference = reference_stars(refcat, first_header)
@@ -252,15 +251,17 @@ def frame_calibrations(products, refcat, first_header, options, size):
             catalog, reference, products, first_header, options, keywords["SEEING"][0], psf)
         keywords.update(photometry)
     # Made after the photometry, which calibrates the catalog's magnitudes.
-    tables = tables + [catalog_hdu(catalog)] + photcalib_tables
-    return keywords, tables, qa_data(products, tables, catalog, keywords, first_header, size)
+    return keywords, tables + [catalog_hdu(catalog)] + photcalib_tables
 
 
-def qa_data(products, tables, catalog, keywords, first_header, size):
+def qa_data(products, tables, keywords, first_header, size):
     """What the QA plots of a calibrated frame show (:class:`podi_plots.QAData`).
 
-    ``size`` is the OTA size in pixels: the outlines are the corners of each OTA.
+    ``tables`` and ``keywords`` are :func:`frame_calibrations`' results; ``size`` is
+    the OTA size in pixels: the outlines are the corners of each OTA.
     """
+    # matplotlib adds 0.6 s to every start-up: it is loaded only when plots are made.
+    import podi_plots
     by_name = {table.name: Table(table.data) for table in tables}
     outlines = {}
     for ota, result in products.items():
@@ -276,7 +277,7 @@ def qa_data(products, tables, catalog, keywords, first_header, size):
     return podi_plots.QAData(
         obsid=str(first_header.get("OBSID", "")), object_name=str(first_header.get("OBJECT", "")),
         filter_name=normalised_filter_name(first_header), exptime=float(first_header.get("EXPTIME", 0.0)),
-        matches=by_name["WCSCAL.CAT"], sources=catalog, outlines=outlines,
+        matches=by_name["WCSCAL.CAT"], sources=by_name["CAT.ODI"], outlines=outlines,
         photcalib=by_name.get("CAT.PHOTCALIB") if calibrated else None,
         band=keywords["PHOTBAND"][0] if calibrated else None,
         zeropoint=keywords["PHOTZP"][0] if calibrated else None,

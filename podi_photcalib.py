@@ -51,7 +51,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from astropy.table import Table
-from scipy.optimize import brentq
 from scipy.spatial import cKDTree
 
 import podi_findstars
@@ -257,6 +256,8 @@ def excess_scatter(residual, error):
     if len(residual) == 0 or excess(0.0) <= 0:
         return 0.0
     # At s = median|r| / 0.674 the normalised median is below 0.674 whatever the errors.
+    # scipy.optimize costs 0.2 s of start-up, which only -photcalib runs should pay.
+    from scipy.optimize import brentq
     return float(brentq(excess, 0.0, np.median(residual) / _NORMAL_MEDIAN_ABS))
 
 
