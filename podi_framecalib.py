@@ -19,6 +19,7 @@ import logging
 import os
 from pathlib import Path
 
+import astropy.units as u
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table, vstack
@@ -121,9 +122,22 @@ def source_catalog(products):
         table.add_column(dec, name="DEC", index=1)
         table["RA"].unit = table["DEC"].unit = "deg"
         for name in ("FLUX", "FLUX_ERR", "FLUX_MAX", "BACKGROUND"):
-            table[name].unit = result["header"]["BUNIT"]
+            table[name].unit = fits_unit(result["header"]["BUNIT"])
         tables.append(table)
     return vstack(tables) if tables else Table()
+
+
+def fits_unit(text):
+    """``text`` if the FITS standard knows it as a unit (``adu``), else None.
+
+    The standard has no electron: such columns are left without a unit rather than
+    with one that FITS readers cannot parse (BUNIT says what the pixels are).
+    """
+    try:
+        u.Unit(text).to_string("fits")
+    except ValueError:
+        return None
+    return text
 
 
 #: Primary keywords copied into the CAT.PHOTCALIB header (facts 1.6).

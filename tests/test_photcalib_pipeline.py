@@ -189,3 +189,16 @@ def test_catalog_columns_carry_units(calibrated_fields):
     matches = Table.read(output, hdu="WCSCAL.CAT")
     assert (matches["REF_DEC"].unit, matches["D_RA"].unit) == ("deg", "arcsec")
     assert Table.read(output, hdu="CAT.WCSREF")["RA"].unit == "deg"
+
+
+def test_electron_frames_write_catalogs_without_unit_warnings(star_fields, tmp_path, recwarn):
+    """FITS has no unit for electrons: with -gain the flux columns carry none, and
+    writing the catalogs warns about nothing."""
+    exposures, cals = star_fields
+    output = tmp_path / "electrons.fits"
+    assert run_collectcells(exposures[2], output, f"-cals={cals}", "-gain", "-fixwcs", "-noqaplots",
+                            f"-refcat={refcat_of(exposures[2])}") == 0
+    assert not [w for w in recwarn if "unit" in str(w.message).lower()]
+    assert fits.getheader(output)["BUNIT"] == "electron"
+    catalog = Table.read(output, hdu="CAT.ODI")
+    assert catalog["FLUX"].unit is None and catalog["MAG_D30"].unit == "mag"
