@@ -70,7 +70,7 @@ ANGLE_STEP_DEG = 0.1
 FINE_ANGLE_STEP_DEG = 0.02
 #: Sub-sample limits for the voting (only): beyond them the vote costs time without
 #: improving the contrast, which is already large for thousands of stars.
-MAX_VOTE_SOURCES = 1500
+MAX_VOTE_SOURCES = 800
 MAX_VOTE_REFERENCE = 3000
 #: Minimum matches on an OTA for its own shift + CD fit.
 MIN_OTA_MATCHES = 10
