@@ -15,6 +15,7 @@ and the peak memory of the whole run (master + workers).
 
 import argparse
 import cProfile
+import os
 import pstats
 import resource
 import subprocess
@@ -59,10 +60,17 @@ def stage_profile(exposure, cals, flags):
     profiler.runcall(collect_reduce_ota, ota_file, options)
     stats = pstats.Stats(profiler)
     names = ["correct_crosstalk", "overscan", "nonlinearity", "gain", "assemble", "bias", "dark",
-             "flat", "bad_pixels", "cells", "apply_wcs", "sky_samples"]
-    for (filename, line, name), row in stats.stats.items():
-        if name in names and ("podi_" in filename):
-            print(f"  {name:18s} {row[3]:6.3f} s")
+             "flat", "bad_pixels", "cells", "apply_wcs", "sky_samples", "find_sources",
+             "aperture_flux", "growth_curves"]
+    seconds = {name: row[3] for (filename, line, name), row in stats.stats.items()
+               if name in names and "podi_" in filename}
+    for name, value in seconds.items():
+        print(f"  {name:18s} {value:6.3f} s")
+    if "aperture_flux" in seconds:
+        # The photometry runs in the workers: 13 OTAs share the cores.
+        photometry = seconds["aperture_flux"] + seconds["growth_curves"]
+        print(f"aperture photometry (9 apertures and the curves of growth): {photometry:.3f} s "
+              f"per OTA, about {photometry * 13 / (os.cpu_count() or 1):.2f} s per frame")
 
 
 def timed_runs(exposure, output, flags, repeat):
@@ -118,7 +126,7 @@ def main():
     print(f"peak resident memory of the largest process: {children:.0f} MB; shared OTA "
           f"buffers in /dev/shm: at most {13 * 64} MB, freed as each OTA is written")
     print("time per stage, one OTA (33) in one process:")
-    stage_profile(exposure, cals, flags)
+    stage_profile(exposure, cals, flags + (steps[-1] if steps else []))
 
 
 if __name__ == "__main__":
