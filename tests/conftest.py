@@ -122,6 +122,23 @@ def refcat_of(exposure):
     return exposure.parent / f"{exposure.name}.refcat.fits"
 
 
+def true_star_offsets(exposure, hdus, otas):
+    """Distance (arcsec) between the true pixels of the exposure's stars and where the
+    output's WCS puts them, on the given OTAs of a binning-2 test frame."""
+    import numpy as np
+    from astropy.io import fits
+    from astropy.table import Table
+    from astropy.wcs import WCS
+    stars = Table(fits.getdata(exposure.parent / f"{exposure.name}.truth.fits", "STARS"))
+    offsets = []
+    for ota in otas:
+        mine = stars[(stars["ota"] == ota) & (stars["x"] > 0) & (stars["x"] < 2047)
+                     & (stars["y"] > 0) & (stars["y"] < 2047)]
+        x, y = WCS(hdus[f"OTA{ota}.SCI"].header).all_world2pix(mine["ra"], mine["dec"], 0)
+        offsets.append(np.hypot(x - mine["x"], y - mine["y"]) * 0.1126 * TEST_BINNING)
+    return np.concatenate(offsets)
+
+
 @pytest.fixture(scope="session")
 def star_fields(tmp_path_factory):
     """Three simulated fields with pointing and rotator errors, and their perfect masters."""

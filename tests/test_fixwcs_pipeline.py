@@ -7,21 +7,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
-from astropy.wcs import WCS
 
-from conftest import STAR_FIELD_ERRORS, STAR_FIELD_OTAS as WCS_OTAS, refcat_of, run_collectcells
-
-
-def _true_offsets(exposure, hdus):
-    """Distance (arcsec) between true star pixels and where the output WCS puts them."""
-    stars = Table(fits.getdata(exposure.parent / f"{exposure.name}.truth.fits", "STARS"))
-    offsets = []
-    for ota in WCS_OTAS:
-        mine = stars[(stars["ota"] == ota) & (stars["x"] > 0) & (stars["x"] < 2048)
-                     & (stars["y"] > 0) & (stars["y"] < 2048)]
-        x, y = WCS(hdus[f"OTA{ota}.SCI"].header).all_world2pix(mine["ra"], mine["dec"], 0)
-        offsets.append(np.hypot(x - mine["x"], y - mine["y"]) * 0.1126 * 2)
-    return np.concatenate(offsets)
+from conftest import (STAR_FIELD_ERRORS, STAR_FIELD_OTAS as WCS_OTAS, refcat_of, run_collectcells,
+                      true_star_offsets)
 
 
 @pytest.mark.parametrize("field", range(len(STAR_FIELD_ERRORS)))
@@ -31,11 +19,11 @@ def test_fixwcs_recovers_the_true_wcs(star_fields, calibrated_fields, field, tmp
     # Without -fixwcs the pointing and rotator errors put stars arcseconds off.
     assert run_collectcells(exposure, tmp_path / "canned.fits", f"-cals={cals}") == 0
     with fits.open(tmp_path / "canned.fits") as hdus:
-        assert np.median(_true_offsets(exposure, hdus)) > 5.0
+        assert np.median(true_star_offsets(exposure, hdus, WCS_OTAS)) > 5.0
     with fits.open(output, checksum=True) as hdus:
         primary = hdus[0].header
         assert primary["WCSCAL"] is True and primary["WCS_QUAL"] > 4
-        offsets = _true_offsets(exposure, hdus)
+        offsets = true_star_offsets(exposure, hdus, WCS_OTAS)
         assert np.sqrt(np.mean(offsets**2)) < 0.05
         assert primary["WCS_RMS"] < 0.05 and primary["WCS_NSRC"] > 30
         assert primary["ASTRMCAT"] == refcat_of(exposure).name
