@@ -570,7 +570,7 @@ def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binnin
                  seeing=NOMINAL_SEEING, pixel_scale=None):
     """Detect and measure the sources of one reduced OTA.
 
-    Detection runs on 2x2 block means where stars are well sampled
+    Detection runs on block means (4x4 or 2x2 pixels) where stars are well sampled
     (:func:`detection_binning`): sep background (mesh ``64 / binning`` unbinned-pixel
     equivalents, 3x3 median filter) with the NaN pixels masked, extraction at
     ``threshold`` times the local background rms after filtering with a Gaussian of
@@ -623,8 +623,9 @@ def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binnin
         half-light radius x :func:`fwhm_per_half_light_radius` (``moffat_beta``) and
         ``FWHM_WORLD`` (degrees, through ``pixel_scale``). The conversion is exact for
         the assumed profile and biased otherwise: a Gaussian star comes out 17 % too
-        small with beta = 3.5, a beta = 2.5 Moffat 12 % too large; pixelisation adds
-        ~1/12 px^2 to the profile's variance. ``FLUX``, ``FLUX_ERR`` (image units;
+        small with beta = 3.5, a beta = 2.5 Moffat 12 % too large (the frame's PSF
+        fit, :func:`fit_moffat_growth`, removes this bias afterwards); pixelisation
+        adds ~1/12 px^2 to the profile's variance. ``FLUX``, ``FLUX_ERR`` (image units;
         adaptive circular aperture); ``MAG_Dnn``, ``MAGERR_Dnn`` (instrumental
         magnitudes ``-2.5 log10(flux)`` in the apertures of :data:`APERTURE_DIAMETERS`,
         NaN where the flux is not positive); all apertures centred on the windowed
@@ -635,7 +636,8 @@ def find_sources(image, ota, gain=None, read_noise=None, saturation=None, binnin
         pixels), ``THETAWIN_IMAGE`` (degrees, counter-clockwise from +x),
         ``ELONGATION`` = A/B, ``ELLIPTICITY`` = 1 - B/A (windowed); ``FLAGS``
         (``FLAG_*`` bits); ``OTA``. Table meta: ``FWHM`` (stellar median, px),
-        ``NREJECT`` (sharp sources removed), ``APERTURE`` (adaptive radius, px),
+        ``NREJECT`` (spiky, sharp, concentrated and duplicate detections removed),
+        ``APERTURE`` (adaptive radius, px),
         ``GROWTH`` (:func:`growth_curves` of the bright isolated stars in the apertures
         of :data:`APERTURE_DIAMETERS`), ``GROWTH_R`` (arcsec, radius of their
         total-flux aperture) and ``GROWTH_FWHM`` (their FWHM, arcsec).
