@@ -287,6 +287,7 @@ def test_prep4sex_and_indefval(flags, expected):
     ("-singleota=100", "'100' is not an OTA number"),
     ("-skipota=33,,34", "'' is not an OTA number"),
     ("-plotformat=png,", "empty entry in the list"),
+    ("-plotformat=png,jpx", r"jpx not a plot format \(choose from .*pdf.*png"),
     ("-gain=relative", "-gain takes no value"),
     ("-bias", "-bias needs a value"),
     ("-flat=", "-flat needs a non-empty value"),
