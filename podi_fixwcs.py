@@ -41,6 +41,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 import podi_definitions as pd
+import podi_wcs
 
 logger = logging.getLogger(__name__)
 
@@ -815,7 +816,7 @@ def _final_match(catalog, refined, ref_tree, reference, radius):
     # Residuals on the sky at each star (RA difference scaled by cos Dec).
     ref_ra = np.asarray(reference["RA"])[ref_index]
     ref_dec = np.asarray(reference["DEC"])[ref_index]
-    d_ra = ((ra[src_index] - ref_ra + 180.0) % 360.0 - 180.0) * np.cos(np.radians(ref_dec)) * 3600
+    d_ra = podi_wcs.wrap_180(ra[src_index] - ref_ra) * np.cos(np.radians(ref_dec)) * 3600
     d_dec = (dec[src_index] - ref_dec) * 3600.0
     if len(src_index) > 0:
         design = np.vstack([np.column_stack([np.ones_like(d_ra), np.zeros_like(d_ra)]),

@@ -85,7 +85,8 @@ def astrometric_calibration(products, reference, options, size):
         result["header_text"] = header_text_with_checksum(result["header"])
     keywords = dict(solution.keywords)
     keywords.update(seeing_keywords(products))
-    keywords["ASTRMCAT"] = (catalog_name(options)[:68], "astrometric reference catalog")
+    keywords["ASTRMCAT"] = podi_photcalib.text_keyword(catalog_name(options),
+                                                      "astrometric reference catalog", keep_end=True)
     tables = [fits.BinTableHDU(solution.reference, name="CAT.WCSREF"),
               fits.BinTableHDU(solution.matches, name="WCSCAL.CAT")]
     return solution.success, keywords, tables

@@ -35,6 +35,7 @@ from matplotlib.ticker import MaxNLocator
 from scipy.stats import gaussian_kde
 
 from podi_ipprefcat import angular_distance, filled
+from podi_wcs import wrap_180
 
 logger = logging.getLogger("podi_plots")
 
@@ -248,7 +249,7 @@ def sky_offsets(matches):
     cosine of the pair's mean Dec (facts 5.2).
     """
     odi_dec, ref_dec = filled(matches["ODI_DEC"]), filled(matches["REF_DEC"])
-    d_ra = (filled(matches["ODI_RA"]) - filled(matches["REF_RA"]) + 180.0) % 360.0 - 180.0
+    d_ra = wrap_180(filled(matches["ODI_RA"]) - filled(matches["REF_RA"]))
     cos_dec = np.cos(np.radians(0.5 * (odi_dec + ref_dec)))
     return d_ra * cos_dec * 3600.0, (odi_dec - ref_dec) * 3600.0
 
@@ -285,7 +286,7 @@ def plot_title(data, what, ota):
 
 def unwrap_ra(ra, reference):
     """RA (deg) made continuous around a reference RA (deg): a frame across RA 0 stays whole."""
-    return reference + (np.asarray(ra, float) - reference + 180.0) % 360.0 - 180.0
+    return reference + wrap_180(np.asarray(ra, float) - reference)
 
 
 def sky_axes(figure, data, ota, ra, dec, what):

@@ -119,7 +119,7 @@ def _wrap_360(angle):
     return 0.0 if wrapped >= 360.0 else wrapped  # -1e-17 % 360 rounds to 360.0
 
 
-def _wrap_180(angle):
+def wrap_180(angle):
     """Wrap into (-180, 180]."""
     return 180.0 - (180.0 - angle) % 360.0
 
@@ -231,7 +231,7 @@ def ota_wcs_header(canned, ra_deg, dec_deg, binning=1, offset=(0.0, 0.0), simple
     crval2 = dec - canned["CRVAL2"]
     if abs(crval2) >= 90:
         raise ValueError(f"tangent point Dec {crval2:.4f} deg is at or beyond a pole")
-    crval1 = _wrap_360(ra - _wrap_180(canned["CRVAL1"]) / math.cos(math.radians(crval2)))
+    crval1 = _wrap_360(ra - wrap_180(canned["CRVAL1"]) / math.cos(math.radians(crval2)))
     pv_keys = [] if simple else _pv_cards(canned)
     projection = "TPV" if pv_keys else "TAN"
     header = fits.Header()
@@ -353,8 +353,8 @@ def local_pixel_scale(wcs, x, y):
     ra, dec = wcs.all_pix2world([x, x + 1, x], [y, y, y + 1], 0)
     cos_d = math.cos(math.radians(dec[0]))
     # RA differences wrapped into (-180, 180]: a pixel may straddle RA 0.
-    dx = (_wrap_180(ra[1] - ra[0]) * cos_d, dec[1] - dec[0])
-    dy = (_wrap_180(ra[2] - ra[0]) * cos_d, dec[2] - dec[0])
+    dx = (wrap_180(ra[1] - ra[0]) * cos_d, dec[1] - dec[0])
+    dy = (wrap_180(ra[2] - ra[0]) * cos_d, dec[2] - dec[0])
     return math.sqrt(abs(dx[0] * dy[1] - dx[1] * dy[0])) * 3600
 
 
