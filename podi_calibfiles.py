@@ -7,7 +7,7 @@ the job of the steps. Rules:
 
 * ``bias``, ``dark``, ``flat``: the step's own flag wins over ``-cals``. The value
   is a file (used as is) or a folder holding the master under its default name
-  (:func:`podi_makecalibrations.master_name`): ``bias_bin<b>.fits``,
+  (:func:`master_name`): ``bias_bin<b>.fits``,
   ``dark_yes_bin<b>.fits``, ``flat_<FILTER>_bin<b>.fits`` with the raw ``FILTER``
   value, then the normalised filter name (DECISIONS 5). ``-dark=none`` (likewise
   for bias and flat) switches the step off even with ``-cals``.
@@ -43,7 +43,6 @@ import podi_history
 import podi_wcs
 from podi_crosstalk import crosstalk_file_for_mjd
 from podi_definitions import layout_for_mjd, normalised_filter_name, package_data_dir
-from podi_makecalibrations import master_name
 from podi_nonlinearity import nonlinearity_file_for_mjd
 
 logger = logging.getLogger(__name__)
@@ -108,6 +107,26 @@ def observation_mjd(primary_header):
     except (TypeError, ValueError):
         raise ValueError(f"raw primary header has no usable MJD-OBS ({value!r}); "
                          "calibrations are chosen by date") from None
+
+
+def master_name(kind, binning, filter_name=None):
+    """Default file name of a master: ``bias_bin1.fits``, ``flat_odi_r_bin1.fits``...
+
+    Fringe templates carry no binning in their name (``fringe__odi_i.fits``): a
+    template serves any binning it can be block-averaged to.
+    """
+    if kind == "bias":
+        return f"bias_bin{binning}.fits"
+    if kind == "dark":
+        return f"dark_yes_bin{binning}.fits"
+    if kind == "fringe":
+        return f"fringe__{filter_name}.fits"
+    return f"flat_{filter_name}_bin{binning}.fits"
+
+
+def fringe_vectors_name(filter_name, ota):
+    """File name of an OTA's fringe vectors: ``fringevectors__odi_i__OTA33.reg``."""
+    return f"fringevectors__{filter_name}__OTA{ota:02d}.reg"
 
 
 def master_candidates(step, primary_header, binning):

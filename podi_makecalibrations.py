@@ -37,6 +37,7 @@ import numpy as np
 from astropy.io import fits
 
 from podi_badpixels import derive_bpm_files
+from podi_calibfiles import master_name
 from podi_crosstalk import crosstalk_file_for_mjd
 from podi_definitions import (PIPELINE_NAME, binning_from_header, cell_geometry, cell_to_ota,
                               fppos_for_ota, layout_for_mjd, ota_extname,
@@ -119,15 +120,6 @@ def flat_normalisation_level(binned):
             break
         selection = pooled[keep]
     return float(np.median(selection))
-
-
-def master_name(kind, binning, filter_name=None):
-    """Default file name of a master: ``bias_bin1.fits``, ``flat_odi_r_bin1.fits``..."""
-    if kind == "bias":
-        return f"bias_bin{binning}.fits"
-    if kind == "dark":
-        return f"dark_yes_bin{binning}.fits"
-    return f"flat_{filter_name}_bin{binning}.fits"
 
 
 def combine_ota(kind, ota, binning, files, settings, combine, exptimes, tmpdir):

@@ -41,11 +41,12 @@ from astropy.wcs import WCS
 import podi_crosstalk
 import podi_nonlinearity
 import podi_wcs
+from podi_calibfiles import master_name
 from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, cell_extname,
                               cell_geometry, cell_origin, cell_to_ota, fppos_for_ota,
                               layout_by_name, ota_origin_in_focal_plane,
                               otas_to_normalize_flat)
-from podi_makecalibrations import (flat_normalisation_level, master_extension, master_name,
+from podi_makecalibrations import (flat_normalisation_level, master_extension,
                                    master_primary)
 from podi_mef import write_atomic
 from podi_stats import bin_image
