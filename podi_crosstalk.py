@@ -4,7 +4,8 @@ Every amplifier picks up a small copy of the signal of the other cells read out 
 the same row (same ``cy``) of its OTA. The coupling is described per cell row by
 an 8x8 matrix; the matrices of the 8 rows form a cube indexed
 ``[row, source, target]`` (row = ``cy``, source and target = ``cx``), as astropy
-reads the ``XTALK.FWD``/``XTALK.INV`` extensions of the real file (DECISIONS 3).
+reads the ``XTALK.FWD``/``XTALK.INV`` extensions of the real file. The matrices are
+not symmetric, so the axis order matters (``docs/conventions.md``).
 
 For cell row ``r`` the readout mixes true signals as
 ``raw[t] = sum_s true[s] * FWD[r, s, t]`` and the pipeline undoes it with

@@ -40,7 +40,8 @@ PIXEL_SCALE = 0.1126
 DISTORTION_K3 = -0.025
 
 #: Built-in crosstalk coefficient of the original: every off-diagonal term of the
-#: forward matrix of every cell row (DECISIONS 3).
+#: forward matrix of every cell row, used without a crosstalk file; the simulator
+#: shares it.
 CROSSTALK_DEFAULT_COEFF = 5.6e-5
 
 #: ``MJD-OBS`` from which data are ODI 5x6 (2015-01-01), and from which OTA 21 is dead.
@@ -68,8 +69,8 @@ class CellGeometry:
     ota_size : int
         Side of the square OTA array (pixels).
     raw_shape : tuple of int
-        ``(rows, cols)`` of the raw cells that the simulator writes (DECISIONS 2);
-        readers take the real size from the data.
+        ``(rows, cols)`` of the raw cells that the simulator writes; readers never
+        assume it and take the real size from the data.
     """
 
     binning: int
@@ -181,8 +182,8 @@ class FocalPlaneLayout:
     serials : dict
         OTA position -> detector serial (``OTA_ID``).
     broken_cells : dict
-        OTA position -> cells ``(cx, cy)`` never used (pODI only; for ODI 5x6 the
-        ``CELLMODE`` keyword is the authority, DECISIONS 7).
+        OTA position -> cells ``(cx, cy)`` never used (pODI only; the broken cells
+        of ODI 5x6 are not known, so there the ``CELLMODE`` keyword is the authority).
     """
 
     name: str

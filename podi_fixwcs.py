@@ -2,12 +2,14 @@
 
 :func:`solve_wcs` takes the sources detected on every OTA (pixel positions), the
 initial TPV WCS of every OTA (canned distortion + header pointing, as collectcells
-writes it) and a reference catalog, and returns refined headers plus the quality
-keywords of facts 4.6.6. It is more robust than the original ``ccmatch`` (facts 4.6.4):
+writes it) and a reference catalog, and returns refined headers plus the original's
+quality keywords (``WCS_NSRC``, ``WCS_RMS*``, ``WCS_ERR*``, ``WCS_SIG*`` of the matched
+residuals). It is more robust than the original ``ccmatch`` (a rotation/shift grid
+search on raw RA/Dec differences, then per-OTA shift and shear fits):
 
 1. Every source goes through its OTA's initial WCS to RA/Dec and, with the reference
-   stars, onto one tangent plane (true gnomonic projection, so high declinations and
-   RA 0/360 need no special care) about the centre of the frame.
+   stars, onto one tangent plane (true gnomonic projection, :func:`podi_sphere.project`,
+   so high declinations and RA 0/360 need no special care) about the centre of the frame.
 2. Offset-density voting over a grid of rotator angles: for each angle the sources are
    rotated about the tangent point and every source-reference difference within the
    maximum offset votes in a 2" histogram. The best (angle, offset) is the highest
@@ -41,7 +43,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 import podi_definitions as pd
-import podi_wcs
+from podi_sphere import deproject, match_nearest, mean_direction, project, wrap_180
 
 logger = logging.getLogger(__name__)
 
@@ -121,57 +123,12 @@ class WcsSolution:
     message: str = ""
 
 
-# --- Spherical geometry -------------------------------------------------------------------
-
-def project(ra, dec, ra0, dec0):
-    """Gnomonic projection about the tangent point (ra0, dec0).
-
-    Parameters
-    ----------
-    ra, dec : array_like
-        Positions (deg).
-    ra0, dec0 : float
-        Tangent point (deg).
-
-    Returns
-    -------
-    xi, eta : ndarray
-        Standard coordinates (deg); NaN for points 90 deg or more from the tangent point.
-    """
-    ra, dec = np.radians(ra), np.radians(dec)
-    ra0, dec0 = math.radians(ra0), math.radians(dec0)
-    dra = ra - ra0
-    cos_c = np.sin(dec0) * np.sin(dec) + np.cos(dec0) * np.cos(dec) * np.cos(dra)
-    cos_c = np.where(cos_c > 0, cos_c, np.nan)
-    xi = np.cos(dec) * np.sin(dra) / cos_c
-    eta = (np.cos(dec0) * np.sin(dec) - np.sin(dec0) * np.cos(dec) * np.cos(dra)) / cos_c
-    return np.degrees(xi), np.degrees(eta)
-
-
-def deproject(xi, eta, ra0, dec0):
-    """Inverse of :func:`project`: standard coordinates (deg) -> RA in [0, 360), Dec (deg)."""
-    xi, eta = np.radians(xi), np.radians(eta)
-    dec0 = math.radians(dec0)
-    denominator = np.cos(dec0) - eta * np.sin(dec0)
-    ra = ra0 + np.degrees(np.arctan2(xi, denominator))
-    dec = np.degrees(np.arctan2(np.sin(dec0) + eta * np.cos(dec0), np.hypot(xi, denominator)))
-    return np.mod(ra, 360.0), dec
-
-
-def _mean_direction(ra, dec):
-    # Mean of unit vectors: well defined across RA 0/360 and near the poles.
-    ra, dec = np.radians(ra), np.radians(dec)
-    vector = np.array([np.mean(np.cos(dec) * np.cos(ra)), np.mean(np.cos(dec) * np.sin(ra)),
-                       np.mean(np.sin(dec))])
-    return (math.degrees(math.atan2(vector[1], vector[0])) % 360.0,
-            math.degrees(math.atan2(vector[2], math.hypot(vector[0], vector[1]))))
-
-
 # --- TPV distortion ----------------------------------------------------------------------
 
 def _tpv_terms(x, y, order):
-    """TPV basis T_0, T_1, ... of (x, y) up to polynomial order, in the standard order
-    (facts 4.6.1): per order n the terms x^n, x^(n-1) y, ..., y^n, then r^n for odd n."""
+    """TPV basis T_0, T_1, ... of (x, y) up to polynomial order, in the order of the TPV
+    convention (SCAMP's TAN + PV): per order n the terms x^n, x^(n-1) y, ..., y^n, then
+    r^n for odd n."""
     r = np.hypot(x, y)
     terms = [np.ones_like(x)]
     for degree in range(1, order + 1):
@@ -411,29 +368,6 @@ def _frame_header(header, similarity, plane, ota_size):
     return refined
 
 
-# --- Matching -----------------------------------------------------------------------------
-
-def match_nearest(src_xy, ref_tree, radius):
-    """One-to-one nearest-neighbour pairs within ``radius`` (in the tree's units).
-
-    ``src_xy`` holds the source coordinates per axis, ``ref_tree`` a
-    :class:`scipy.spatial.cKDTree` of the reference positions.
-
-    Returns
-    -------
-    src_index, ref_index : ndarray of int
-    """
-    distance, ref_index = ref_tree.query(np.column_stack(src_xy), distance_upper_bound=radius)
-    src_index = np.flatnonzero(np.isfinite(distance))
-    ref_index, distance = ref_index[src_index], distance[src_index]
-    # Where several sources claim one reference star, only the closest keeps it.
-    order = np.lexsort((distance, ref_index))
-    first = np.ones(len(order), bool)
-    first[1:] = ref_index[order][1:] != ref_index[order][:-1]
-    chosen = np.sort(order[first])
-    return src_index[chosen], ref_index[chosen]
-
-
 # --- Offset-density voting ------------------------------------------------------------------
 
 @dataclass
@@ -523,7 +457,7 @@ def _subsample(n, limit, rng):
 # --- Statistics ------------------------------------------------------------------------------
 
 def _statistics(d_ra, d_dec):
-    """Quality keywords of matched residuals (arcsec, RA scaled by cos Dec), facts 4.6.6."""
+    """The original's quality keywords of matched residuals (arcsec, RA scaled by cos Dec)."""
     n = len(d_ra)
     if n == 0:
         return {"WCS_NSRC": (0, "number of matched stars")}
@@ -649,7 +583,7 @@ def solve_wcs(sources, headers, refcat, max_offset_arcmin=5.0, max_rotation_deg=
     if len(catalog.x) < MIN_SOURCES:
         return _fail(f"only {len(catalog.x)} sources (need {MIN_SOURCES})", headers, keywords)
 
-    catalog.plane = _mean_direction(catalog.ra, catalog.dec)
+    catalog.plane = mean_direction(catalog.ra, catalog.dec)
     xi, eta = project(catalog.ra, catalog.dec, *catalog.plane)
     catalog.xi, catalog.eta = xi * 3600.0, eta * 3600.0
     ref_xi, ref_eta = project(np.asarray(refcat["ra"], float), np.asarray(refcat["dec"], float),
@@ -816,7 +750,7 @@ def _final_match(catalog, refined, ref_tree, reference, radius):
     # Residuals on the sky at each star (RA difference scaled by cos Dec).
     ref_ra = np.asarray(reference["RA"])[ref_index]
     ref_dec = np.asarray(reference["DEC"])[ref_index]
-    d_ra = podi_wcs.wrap_180(ra[src_index] - ref_ra) * np.cos(np.radians(ref_dec)) * 3600
+    d_ra = wrap_180(ra[src_index] - ref_ra) * np.cos(np.radians(ref_dec)) * 3600
     d_dec = (dec[src_index] - ref_dec) * 3600.0
     if len(src_index) > 0:
         design = np.vstack([np.column_stack([np.ones_like(d_ra), np.zeros_like(d_ra)]),

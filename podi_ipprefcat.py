@@ -29,6 +29,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table, vstack
 
+from podi_sphere import search_box, select_circle, unit_vectors
+
 logger = logging.getLogger(__name__)
 
 ENV_REFCAT = "PODI_REFCAT"
@@ -58,81 +60,7 @@ class RefcatError(Exception):
     """A reference catalog is missing, unreadable or cannot be queried."""
 
 
-# --- Geometry -------------------------------------------------------------------------
-
-def unit_vectors(ra, dec):
-    """Unit vectors (3, N) of positions in degrees."""
-    ra, dec = np.radians(ra), np.radians(dec)
-    return np.array([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
-
-
-def angular_distance(ra, dec, ra0, dec0):
-    """Great-circle distance (degrees) of positions from (ra0, dec0), all in degrees."""
-    # Vincenty's formula: accurate at all distances, unlike arccos for tiny ones.
-    ra, dec = np.radians(ra), np.radians(dec)
-    ra0, dec0 = math.radians(ra0), math.radians(dec0)
-    dra = ra - ra0
-    num = np.hypot(np.cos(dec) * np.sin(dra),
-                   math.cos(dec0) * np.sin(dec) - math.sin(dec0) * np.cos(dec) * np.cos(dra))
-    den = math.sin(dec0) * np.sin(dec) + math.cos(dec0) * np.cos(dec) * np.cos(dra)
-    return np.degrees(np.arctan2(num, den))
-
-
-def search_box(ra, dec, radius_deg):
-    """RA intervals and Dec range of the box enclosing a circle on the sky.
-
-    Parameters
-    ----------
-    ra, dec : float
-        Centre, degrees.
-    radius_deg : float
-        Radius, degrees.
-
-    Returns
-    -------
-    ra_ranges : list of (float, float)
-        Non-wrapping RA intervals in [0, 360] degrees; ``[(0, 360)]`` when the
-        circle reaches a pole.
-    dec_range : (float, float)
-        Dec limits, degrees.
-    """
-    dec_range = (max(dec - radius_deg, -90.0), min(dec + radius_deg, 90.0))
-    if abs(dec) + radius_deg >= 90.0:
-        return [(0.0, 360.0)], dec_range
-    # Exact RA half-width of a spherical cap: asin(sin r / cos dec). It exceeds the
-    # small-angle radius/cos(dec), which misses stars close to the pole.
-    half = math.degrees(math.asin(min(1.0, math.sin(math.radians(radius_deg))
-                                      / math.cos(math.radians(dec)))))
-    if half >= 180.0:
-        return [(0.0, 360.0)], dec_range
-    lo, hi = (ra - half) % 360.0, (ra + half) % 360.0
-    if lo <= hi:
-        return [(lo, hi)], dec_range
-    return [(lo, 360.0), (0.0, hi)], dec_range
-
-
-def _in_ra_ranges(ra, ra_ranges):
-    ra = np.asarray(ra) % 360.0
-    inside = np.zeros(ra.shape, dtype=bool)
-    for lo, hi in ra_ranges:
-        inside |= (ra >= lo) & (ra <= hi)
-    return inside
-
-
-def select_circle(ra, dec, ra0, dec0, radius_deg):
-    """Mask of positions within ``radius_deg`` great-circle distance of (ra0, dec0).
-
-    A cheap RA/Dec box cut comes first so the trigonometry runs on few rows.
-    All arguments in degrees.
-    """
-    ra, dec = np.asarray(ra, dtype=float), np.asarray(dec, dtype=float)
-    ra_ranges, (dec_lo, dec_hi) = search_box(ra0, dec0, radius_deg)
-    mask = (dec >= dec_lo) & (dec <= dec_hi) & _in_ra_ranges(ra, ra_ranges)
-    candidates = np.flatnonzero(mask)
-    far = angular_distance(ra[candidates], dec[candidates], ra0, dec0) > radius_deg
-    mask[candidates[far]] = False
-    return mask
-
+# --- Proper motion ------------------------------------------------------------------
 
 def propagate(ra, dec, pmra, pmdec, years):
     """Move positions by their proper motion.

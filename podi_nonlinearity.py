@@ -5,14 +5,16 @@ The correction of the overscan-subtracted signal ``D`` (ADU) of one cell is
     D_corrected = D + sum_{k=2..P} c_k D^k
 
 with ``P`` = ``POLYORDR`` of the coefficient file. The file also gives every
-cell's ``RELATIVE_GAIN`` (DECISIONS 8). Format (facts §3.4): primary ``POLYORDR``;
+cell's ``RELATIVE_GAIN``: with ``-gain`` a cell's gain is that times the OTA's mean
+header ``GAIN``. Format (the original's): primary ``POLYORDR``;
 extension 1 a binary table with one row per (OTA, cell) and columns ``OTA``,
 ``CELLX``, ``CELLY`` (B), ``COEFF_X**2`` .. ``COEFF_X**P``, ``UNCERT_COEFF_X**2`` ..
 ``UNCERT_COEFF_X**P``, ``RELATIVE_GAIN`` (D; absent in the oldest files) and, in
 ODI 5x6 files, ``SATLEVEL`` (E).
 
 Cells missing from the table and rows with absurd values get no correction and
-relative gain 1, with one warning per OTA (DECISIONS 17).
+relative gain 1, with one warning per OTA: the original zeroed missing cells, and the
+current ODI 5x6 table has a relative gain of 549.
 """
 
 import logging
@@ -230,7 +232,8 @@ def _float_columns(table, present, names):
 
 
 def _find_absurd_rows(coeffs, gains):
-    """Row index -> reason for rows whose values cannot be physical (DECISIONS 17)."""
+    """Row index -> reason for rows whose values cannot be physical (relative gain outside
+    ``RELATIVE_GAIN_RANGE``, or a correction beyond 20 % at 60000 ADU)."""
     level = ABSURD_TEST_LEVEL
     correction = _polynomial_term(np.full(len(coeffs), level), coeffs.T)
     low, high = RELATIVE_GAIN_RANGE

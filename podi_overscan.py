@@ -1,7 +1,7 @@
 """Overscan subtraction: one level per cell from its serial overscan block.
 
-The level is a clipped mean of the overscan block (DECISIONS 9): the original's
-median of integer ADU is quantised by up to 0.5 ADU. The median stays available.
+The level is a clipped mean of the overscan block, because the original's median
+of integer ADU is quantised by up to 0.5 ADU. The median stays available.
 """
 
 import numpy as np

@@ -3,23 +3,25 @@
 :func:`calibrate` works on catalog level only (no pixels): it takes the frame's
 source catalog ``CAT.ODI`` (instrumental aperture magnitudes, FLAGS, positions after
 the WCS calibration) and a reference catalog as :mod:`podi_ipprefcat` returns it, and
-returns the primary-header keywords and the ``CAT.PHOTCALIB`` table (facts 4.7).
+returns the primary-header keywords (the original's, with a better estimator: see
+below) and the ``CAT.PHOTCALIB`` table.
 
 1. The filter's reference band (:data:`REFERENCE_BAND`); none (narrow-band filters)
    or a catalog without that band: no calibration.
 2. Calibration stars: clean sources (``FLAGS == 0``) with a 3"-diameter aperture
    magnitude ``MAG_D30`` no more uncertain than ``max_error``, and reference stars
    with the band no more uncertain than that either.
-3. One-to-one nearest-neighbour matching within 2" of true angular distance (unit
-   vectors on the sphere: RA 0/360 and high declinations need no special care).
+3. One-to-one nearest-neighbour matching within 2" of true angular distance
+   (:func:`podi_sphere.match_radec`: RA 0/360 and high declinations need no special care).
 4. Optional colour term, per star zero point normalised to 1 s, iterative clipping
    and an inverse-variance weighted mean (see :func:`combine_zeropoints`).
 
-Zero point convention (DECISIONS 12)
-------------------------------------
-``PHOTZP`` keeps the original's meaning: the zero point of the 3"-diameter aperture,
-without aperture correction, for 1 s of ``EXPTIME``: m = PHOTZP + MAG_D30 +
-2.5 log10(EXPTIME), with ``MAG_D30`` = -2.5 log10(ADU in the whole exposure).
+Zero point convention
+---------------------
+The convention of the whole program (``docs/conventions.md``). ``PHOTZP`` keeps the
+original's meaning: the zero point of the 3"-diameter aperture, without aperture
+correction, for 1 s of ``EXPTIME``: m = PHOTZP + MAG_D30 + 2.5 log10(EXPTIME), with
+``MAG_D30`` = -2.5 log10(ADU in the whole exposure).
 ``PHOTZP_X`` is the same for the whole exposure. The caller adds the aperture
 correction ``APCORR`` (3" aperture to total flux) for calibrated catalogs and for
 the sky brightness and depth (:func:`sky_brightness`, :func:`point_source_depth`).
@@ -51,11 +53,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from astropy.table import Table
-from scipy.spatial import cKDTree
 
 import podi_findstars
-from podi_fixwcs import match_nearest
-from podi_ipprefcat import angular_distance, filled, unit_vectors
+from podi_ipprefcat import filled
+from podi_sphere import angular_distance, match_radec
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,10 @@ REFERENCE_BAND = {"odi_g": "g", "odi_r": "r", "odi_i": "i", "odi_z": "z", "odi_u
 #: Atmospheric extinction (mag/airmass) for ``MAGZ_AM1``. g r i z are the original's
 #: values; u (which the original lacked) is the typical Kitt Peak / SDSS u-band value.
 EXTINCTION = {"u": 0.50, "g": 0.20, "r": 0.12, "i": 0.058, "z": 0.04}
-#: The original's colour terms (facts 4.7 item 6), filter -> (c, band1, band2):
+#: The original's colour terms, filter -> (c, band1, band2):
 #: m_ref <- m_ref - c (m_band1 - m_band2). Off unless asked for (``-colourterms``):
-#: they belong to SDSS and the original's filters (DECISIONS 12).
+#: they belong to SDSS and the original's filters (the simulator applies no colour
+#: terms, so its frames calibrate without them).
 ORIGINAL_COLOUR_TERMS = {"odi_g": (0.16, "g", "r"), "odi_z": (-0.1277, "i", "z")}
 #: The original's reference zero points (mag, 1 s, 3" aperture), keyword ``MAGZREF``.
 MAGZREF = {"g": 26.0, "r": 26.1, "i": 25.6, "z": 24.6}
@@ -78,7 +80,7 @@ BANDS = "ugriz"
 
 
 
-#: With this many matched stars or fewer the zero points are not clipped (facts 4.7).
+#: With this many matched stars or fewer the zero points are not clipped (as in the original).
 MAX_UNCLIPPED = 5
 CLIP_SIGMA = 3.0
 MAX_CLIP_ITERATIONS = 10
@@ -86,7 +88,7 @@ MAX_CLIP_ITERATIONS = 10
 _NORMAL_MEDIAN_ABS = 0.6744897501960817
 
 #: ``-fitradialZP``: inner region (deg), stars outside needed for the reference level,
-#: largest deviation used in the fit (mag), fewest stars for a fit (facts 4.7 item 10).
+#: largest deviation used in the fit (mag), fewest stars for a fit (the original's values).
 RADIAL_LIMIT_DEG = 0.3
 RADIAL_MIN_OUTER = 16
 RADIAL_MAX_DEVIATION = 0.3
@@ -182,7 +184,7 @@ def reference_magnitudes(reference, band, colour_term=None):
     band : str
         Reference band of the filter.
     colour_term : (float, str, str), optional
-        (c, band1, band2): m = m_band - c (m_band1 - m_band2) (facts 4.7 item 6).
+        (c, band1, band2): m = m_band - c (m_band1 - m_band2), the original's form.
 
     Returns
     -------
@@ -202,30 +204,6 @@ def reference_magnitudes(reference, band, colour_term=None):
         mag += coefficient * filled(reference[name])
         variance += (coefficient * _band_error(reference, name)) ** 2
     return mag, np.sqrt(variance)
-
-
-def match_to_reference(ra, dec, ref_ra, ref_dec, radius_arcsec):
-    """One-to-one nearest-neighbour pairs within a true angular distance.
-
-    Parameters
-    ----------
-    ra, dec, ref_ra, ref_dec : array_like
-        Source and reference positions (deg).
-    radius_arcsec : float
-        Largest separation (arcsec).
-
-    Returns
-    -------
-    src_index, ref_index : ndarray of int
-        Pairs sorted by source; a reference star claimed by several sources goes to
-        the nearest one.
-    """
-    if len(ra) == 0 or len(ref_ra) == 0:
-        return np.empty(0, int), np.empty(0, int)
-    tree = cKDTree(unit_vectors(ref_ra, ref_dec).T)
-    # Unit vectors at angle theta are a chord 2 sin(theta / 2) apart.
-    chord = 2.0 * math.sin(math.radians(radius_arcsec / 3600.0) / 2.0)
-    return match_nearest(unit_vectors(ra, dec), tree, chord)
 
 
 # --- Statistics ------------------------------------------------------------------------
@@ -545,7 +523,7 @@ def _colour_name(colour_term):
 def _zeropoint_keywords(kept, n_matched, mean, error, scatter, exptime, band, airmass,
                         colour_term):
     """Keywords of the zero point (``mean``, ``error``, ``scatter`` of the ``kept`` per-star
-    zero points, mag) and its statistics (facts 4.7 items 8-9)."""
+    zero points, mag) and its statistics: the original's ``PHOTZP*``/``MAGZ*`` set."""
     spread = float(np.std(kept, ddof=1)) if len(kept) > 1 else 0.0
     low, high = np.percentile(kept, [16, 84])
     exposure_zp = mean + 2.5 * math.log10(exptime)
@@ -599,7 +577,8 @@ def calibrate(sources, reference, filter_name, exptime, airmass=None, catalog_na
     catalog_name : str
         Name or path of the reference catalog (``PHOTMCAT``; its last 68 characters).
     colour_terms : dict, optional
-        Filter -> (c, band1, band2); None: no colour terms (DECISIONS 12).
+        Filter -> (c, band1, band2); None (the default): no colour terms, since
+        :data:`ORIGINAL_COLOUR_TERMS` belong to SDSS and the original's filters.
     match_radius : float
         Largest source-reference distance (arcsec).
     max_error : float
@@ -638,7 +617,7 @@ def calibrate(sources, reference, filter_name, exptime, airmass=None, catalog_na
         return _failure(f"no reference stars with {band} error <= {max_error} mag",
                         catalog_name, empty_table())
     clean = clean_sources(sources, max_error)
-    src_pairs, ref_pairs = match_to_reference(
+    src_pairs, ref_pairs = match_radec(
         filled(sources["RA"])[clean], filled(sources["DEC"])[clean],
         filled(reference["ra"])[usable_ref], filled(reference["dec"])[usable_ref], match_radius)
     src_index, ref_index = clean[src_pairs], usable_ref[ref_pairs]

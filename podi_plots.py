@@ -1,13 +1,14 @@
-"""QA plots of one reduced frame (facts 5): astrometry, seeing and photometric zero point.
+"""QA plots of one reduced frame: astrometry, seeing and photometric zero point.
 
 The caller collects what the plots show into a small picklable :class:`QAData`.
 :func:`make_plots` asks :func:`plots_to_make` which plots exist for it, names their
 files with :func:`qa_paths` and renders them (:func:`render`) in worker processes. A
 plot that fails is logged and skipped: QA plots never cost a reduced frame.
 
-Plot kinds (facts 5.2): ``wcs1`` (WCS scatter), ``wcs2`` (WCS shift map), ``seeing``
-(PSF FWHM map), ``photZP`` (zero point against reference magnitude), ``photZP_map``
-(zero-point map) and ``photZP_radial`` (zero point against distance from a centre).
+Plot kinds (the original's names and contents): ``wcs1`` (WCS scatter), ``wcs2``
+(WCS shift map), ``seeing`` (PSF FWHM map), ``photZP`` (zero point against reference
+magnitude), ``photZP_map`` (zero-point map) and ``photZP_radial`` (zero point against
+distance from a centre).
 Each kind is one function ``draw(figure, data, ota)``: ``ota=None`` draws the whole
 focal plane, an OTA number (xy, e.g. 33) only that OTA's stars.
 
@@ -34,16 +35,17 @@ from matplotlib.patches import Ellipse, Polygon
 from matplotlib.ticker import MaxNLocator
 from scipy.stats import gaussian_kde
 
-from podi_ipprefcat import angular_distance, filled
-from podi_wcs import wrap_180
+from podi_ipprefcat import filled
+from podi_sphere import angular_distance, wrap_180
 
 logger = logging.getLogger("podi_plots")
 
-#: Figure size (inches) and resolution (dots per inch): 800 x 600 pixels in png (facts 5.1).
+#: Figure size (inches) and resolution (dots per inch): 800 x 600 pixels in png, as the
+#: original's.
 PLOT_SIZE = (8, 6)
 DPI = 100
 
-#: The WCS plots need more matched pairs than this (facts 5.2).
+#: The WCS plots need more matched pairs than this (as in the original).
 MIN_WCS_MATCHES = 3
 #: Half width (arcsec) of the WCS scatter plot and bins per axis of its histogram.
 WCS_RANGE = 3.0
@@ -142,7 +144,7 @@ def frame_stem(output):
 
 
 def qa_paths(output, plot, formats, qasubdirs=False, qasubdirname="QA", ota=None):
-    """Files of one QA plot, one per format (facts 5.1).
+    """Files of one QA plot, one per format (the original's names and folders).
 
     Parameters
     ----------
@@ -186,7 +188,7 @@ def ota_mask(table, ota):
 
 
 def wcs_pairs(data):
-    """The matched pairs the WCS plots show; None with too few for them (facts 5.2)."""
+    """The matched pairs the WCS plots show; None with too few for them."""
     matches = data.matches
     return matches if matches is not None and len(matches) > MIN_WCS_MATCHES else None
 
@@ -227,7 +229,7 @@ class OffsetStatistics:
     """ODI - reference offsets of matched pairs, in arcsec (RA offsets times cos Dec).
 
     ``rms_ra``/``rms_dec`` are root mean squares about zero, as the header keywords
-    ``WCS_RMSA``/``WCS_RMSD`` (facts 4.6.6), so the plots and the header agree.
+    ``WCS_RMSA``/``WCS_RMSD`` of :mod:`podi_fixwcs`, so the plots and the header agree.
     """
 
     n: int
@@ -246,7 +248,7 @@ def sky_offsets(matches):
     """Offsets ODI - reference of matched pairs (arcsec): (dRA cos Dec, dDec).
 
     The RA difference is wrapped into +-180 deg (pairs across RA 0) and scaled by the
-    cosine of the pair's mean Dec (facts 5.2).
+    cosine of the pair's mean Dec, as the original's WCS plots did.
     """
     odi_dec, ref_dec = filled(matches["ODI_DEC"]), filled(matches["REF_DEC"])
     d_ra = wrap_180(filled(matches["ODI_RA"]) - filled(matches["REF_RA"]))
@@ -563,7 +565,7 @@ def plot_variants(data, plot, otalevel):
 
 
 def plots_to_make(data, otalevel=True, fitradial=False):
-    """The QA plots that exist for a frame's data (facts 5.2).
+    """The QA plots that exist for a frame's data (each needs its step's results).
 
     Parameters
     ----------

@@ -107,7 +107,8 @@ class RawOTA:
         From ``FPPOS``.
     binning : int
     cell_shape : tuple of int
-        ``(rows, cols)`` of every raw cell, read from the data (DECISIONS 2).
+        ``(rows, cols)`` of every raw cell, read from the data (never assumed: it
+        depends on the binning and on the file).
     """
 
     def __init__(self, filename):

@@ -3,9 +3,10 @@
 A *canned WCS* file is a "mini-MEF": an empty primary HDU and one data-less IMAGE
 extension per OTA, ``EXTNAME = OTA<xy>.SCI``, holding a TAN/TPV solution whose
 ``CRVAL1/2`` is not a sky position but the offset (degrees) of the tangent point
-from the telescope pointing (facts 4.6.1). :func:`ota_wcs_header` turns one such
-extension plus the raw header's ``RA``/``DEC`` into the final WCS of an OTA
-(DECISIONS 1: the tangent point is the pointing *minus* the stored offset).
+from the telescope pointing, as the original's ``podi_scamp2minifits`` wrote them.
+:func:`ota_wcs_header` turns one such extension plus the raw header's ``RA``/``DEC``
+into the final WCS of an OTA: the tangent point is the pointing *minus* the stored
+offset (``docs/conventions.md`` says why).
 
 Pixel conventions
 -----------------
@@ -28,6 +29,7 @@ from astropy.io import fits
 
 import podi_definitions as pd
 import podi_history
+from podi_sphere import wrap_180
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +119,6 @@ def format_pointing(ra_deg, dec_deg):
 def _wrap_360(angle):
     wrapped = angle % 360.0
     return 0.0 if wrapped >= 360.0 else wrapped  # -1e-17 % 360 rounds to 360.0
-
-
-def wrap_180(angle):
-    """Wrap into (-180, 180]."""
-    return 180.0 - (180.0 - angle) % 360.0
 
 
 # --- Canned WCS files -------------------------------------------------------------------

@@ -10,6 +10,7 @@ from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
 import podi_ipprefcat as rc
+import podi_sphere
 from podi_ipprefcat import RefcatError, open_refcat, write_tiled_catalog
 
 #: Query fields (ra, dec, radius): ordinary, RA wrap-around both sides, the poles, and
@@ -102,14 +103,6 @@ def test_near_pole_needs_exact_ra_width(sky_file):
     assert dra.max() < 64.2
 
 
-def test_search_box_values():
-    assert rc.search_box(150.0, 60.0, 1.0)[0] == [pytest.approx((147.9997, 152.0003), abs=1e-4)]
-    ranges, dec_range = rc.search_box(0.5, 0.0, 1.0)
-    assert ranges == [pytest.approx((359.5, 360.0)), pytest.approx((0.0, 1.5))]
-    assert dec_range == (-1.0, 1.0)
-    assert rc.search_box(10.0, -89.5, 0.5) == ([(0.0, 360.0)], (-90.0, -89.0))
-
-
 def test_empty_field_returns_empty_table(tmp_path):
     path = tmp_path / "small.fits"
     Table({"ra": [150.0, 150.1], "dec": [30.0, 30.1], "g": [15.0, 16.0]}).write(path)
@@ -168,7 +161,7 @@ def test_tiled_without_index_or_with_bad_tile(sky, tmp_path):
 # --- Formats and errors -----------------------------------------------------------------
 
 def test_csv_and_fits_agree(sky, tmp_path):
-    part = sky[rc.select_circle(sky["ra"], sky["dec"], 150.0, 30.0, 3.0)]
+    part = sky[podi_sphere.select_circle(sky["ra"], sky["dec"], 150.0, 30.0, 3.0)]
     fits_path, csv_path = tmp_path / "part.fits", tmp_path / "part.csv"
     part.write(fits_path)
     renamed = part.copy()

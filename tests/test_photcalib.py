@@ -21,7 +21,7 @@ from astropy.table import Table
 
 import podi_photcalib as pc
 import podi_simulate
-from podi_ipprefcat import angular_distance, select_circle
+from podi_sphere import angular_distance, select_circle
 
 TRUE_ZP = 25.95
 GAIN = 1.3                # e-/ADU
@@ -239,20 +239,6 @@ def test_wrap_and_high_declination(ra, dec):
     if ra < 1 or ra > 359:
         odi_ra = np.asarray(table["ODI_RA"])
         assert (odi_ra > 359).sum() > 20 and (odi_ra < 1).sum() > 20
-
-
-def test_match_is_one_to_one_and_nearest():
-    ref_ra, ref_dec = np.array([10.0, 10.0]), np.array([0.0, 1.0 / 3600])
-    ra = np.array([10.0, 10.0, 10.0 + 1.5 / 3600])
-    dec = np.array([0.2 / 3600, 0.7 / 3600, 1.0 / 3600])
-    src, ref = pc.match_to_reference(ra, dec, ref_ra, ref_dec, 2.0)
-    # Sources 1 (0.3" away) and 2 (1.5") both claim reference 1: the nearer keeps it.
-    assert src.tolist() == [0, 1] and ref.tolist() == [0, 1]
-    # 2" is a true angular distance: at Dec 80 a 0.01 deg RA step is 6.25".
-    for offset, matches in ((1.9, [0]), (2.1, [])):
-        ra_offset = offset / 3600 / math.cos(math.radians(80.0))
-        src, _ = pc.match_to_reference([10.0], [80.0], [10.0 + ra_offset], [80.0], 2.0)
-        assert src.tolist() == matches
 
 
 # --- Failures -------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Tests of podi_wcs: pointing strings, canned WCS files, DECISIONS 1, the optical model."""
+"""Tests of podi_wcs: pointing strings, canned WCS files (tangent point = pointing minus
+the stored offset), the optical model."""
 
 import math
 import warnings
@@ -10,6 +11,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 import podi_definitions as pd
+import podi_sphere
 import podi_wcs
 
 LOOSE_FILE = "20150623T221133.1.2mass.l3-fromloose1.fits"
@@ -24,17 +26,6 @@ def make_wcs(header):
 
 def sky(ra, dec):
     return SkyCoord(ra, dec, unit="deg")
-
-
-def gnomonic(coord, ra0, dec0):
-    """Standard coordinates (xi, eta) in degrees of coord about tangent point (ra0, dec0)."""
-    ra, dec = coord.ra.rad, coord.dec.rad
-    ra0, dec0 = math.radians(ra0), math.radians(dec0)
-    cos_c = math.sin(dec0) * math.sin(dec) + math.cos(dec0) * math.cos(dec) * math.cos(ra - ra0)
-    xi = math.cos(dec) * math.sin(ra - ra0) / cos_c
-    eta = (math.cos(dec0) * math.sin(dec)
-           - math.sin(dec0) * math.cos(dec) * math.cos(ra - ra0)) / cos_c
-    return math.degrees(xi), math.degrees(eta)
 
 
 # --- Pointing -------------------------------------------------------------------------
@@ -155,7 +146,8 @@ def test_crval1_minus_359_is_wrapped(mastercals):
 
 def test_loose_file_follows_the_adding_convention(mastercals):
     # Unlike 2mass_distort5, this file was made for CRVAL = pointing + offset: with
-    # DECISIONS 1 the pointing lands far off the optical axis, with the sign flipped on it.
+    # the subtracting convention the pointing lands far off the optical axis, with the
+    # sign flipped on it.
     canned = podi_wcs.read_canned_wcs(mastercals / "wcs/odi_5x6" / LOOSE_FILE)[33]
     x, y = make_wcs(podi_wcs.ota_wcs_header(canned, 150.0, 30.0)).world_to_pixel(sky(150, 30))
     assert abs(x - 6638) < 5 and abs(y - 18173) < 5
@@ -259,7 +251,8 @@ def test_model_is_radial_k_r3(model, x_deg, y_deg):
     wcs = make_wcs(podi_wcs.ota_wcs_header(model[33], 150.0, 30.0))
     scale = pd.PIXEL_SCALE / 3600
     x0, y0 = pd.OPTICAL_AXIS_OTA33
-    xi, eta = gnomonic(wcs.pixel_to_world(x0 + x_deg / scale, y0 + y_deg / scale), 150.0, 30.0)
+    coord = wcs.pixel_to_world(x0 + x_deg / scale, y0 + y_deg / scale)
+    xi, eta = podi_sphere.project(coord.ra.deg, coord.dec.deg, 150.0, 30.0)
     r = math.hypot(x_deg, y_deg)
     displacement = math.hypot(xi, eta) - r
     assert displacement == pytest.approx(pd.DISTORTION_K3 * r ** 3, abs=1e-9)
