@@ -7,7 +7,7 @@ frames, the field's reference catalog ``<exposure>.refcat.fits``.
 
 The forward model is the exact reverse of the reduction (DECISIONS 4)::
 
-    electrons (sky + stars) x flat + dark + cosmic rays  -> Poisson noise
+    electrons (sky + fringes + stars) x flat + dark + cosmic rays  -> Poisson noise
     -> / cell gain -> inverse nonlinearity -> + bias level, bias structure, read noise
     -> clip at 65535 -> crosstalk (forward matrix) -> clip and round to 16 bits
 
@@ -16,7 +16,15 @@ pixels, bad columns, nonlinearity) is fixed by an *instrument seed*, so that bia
 dark, flat and object exposures of one camera share their signatures as real ones
 do; each exposure's noise, cosmic rays and bias drift come from its own seed.
 Each effect can be switched off (see :class:`Effects`). Later steps (pupil ghost,
-fringes, persistence) add functions to :data:`SIGNAL_STEPS`.
+persistence) add functions to :data:`SIGNAL_STEPS`.
+
+Fringes (``--fringes AMPLITUDE``) are light of the night-sky lines interfering in
+the thin CCD: ``AMPLITUDE x sky electrons x P`` is added to the sky of object
+frames, where ``P = Instrument.fringe_pattern(ota, binning)`` is the OTA's fixed
+unit pattern (the true fringe template); the truth record holds ``FRNGAMP`` and
+``FRNGSCL``, the fringe scale in reduced ADU per unit of P. A dithered sequence (``--count N --dither
+ARCSEC``) offsets each exposure's true pointing at random from ``--ra/--dec``, which
+stays the centre of one star field (see :func:`dithered`).
 
 Pixel conventions: OTA arrays are numpy ``[y, x]``, 0-based, at the exposure's
 binning; star positions in the truth record are 0-based pixels of that array.
@@ -113,12 +121,14 @@ class ExposureSpec:
     mjd: float = 56620.1
     ra: float = 150.0           # true pointing
     dec: float = 30.0
+    field_centre: tuple = None  # (ra, dec) the stars are drawn around; None: the true pointing
     pointing_error: tuple = (0.0, 0.0)   # header minus true, arcsec (dRA cos(dec), dDec)
     rotator_error: float = 0.0  # true WCS rotated by this angle (degrees)
     star_density: float = 4000.0  # stars per square degree brighter than mag 22
     fwhm: float = 1.0           # arcsec
     moffat_beta: float = 3.5
     sky_rate: float = None      # e-/s/unbinned pixel; None: filter default
+    fringe_amplitude: float = 0.0  # fringe light per unit of the pattern, in units of the sky
     flat_level: float = 30000.0  # DFLAT lamp level, ADU at the nominal gain
     airmass: float = 1.1
     object_name: str = "simulated field"
@@ -141,10 +151,17 @@ class Instrument:
         self.layout = layout
         self.seed = seed
         self.effects = effects or Effects()
-        self._flats = {}
+        self._arrays = {}
 
     def _rng(self, ota, name):
         return np.random.default_rng([self.seed, ota, sum(map(ord, name)) * 7919 + len(name)])
+
+    def _cached(self, name, ota, binning, make):
+        """``make(ota, binning)``, computed once per instrument (full OTA arrays are slow)."""
+        key = (name, ota, binning)
+        if key not in self._arrays:
+            self._arrays[key] = make(ota, binning)
+        return self._arrays[key]
 
     def gains(self, ota):
         """Cell gains (e-/ADU), array ``[cy, cx]``."""
@@ -207,9 +224,7 @@ class Instrument:
         A smooth vignetting over the focal plane, an OTA and a cell factor, 1 %
         pixel-to-pixel noise and bad columns at 40 % response.
         """
-        if (ota, binning) not in self._flats:
-            self._flats[(ota, binning)] = self._make_flat(ota, binning)
-        return self._flats[(ota, binning)]
+        return self._cached("flat", ota, binning, self._make_flat)
 
     def _make_flat(self, ota, binning):
         size = cell_geometry(binning).ota_size
@@ -233,6 +248,55 @@ class Instrument:
         for x, y0, y1 in zip(*self.bad_columns(ota)):
             flat[y0 // binning:(y1 + binning - 1) // binning, x // binning] *= np.float32(0.4)
         return flat
+
+    def fringe_pattern(self, ota, binning):
+        """Unit fringe pattern P of an OTA: the true fringe template.
+
+        The OTA's thickness ``phi(x, y) = phi_x(x) + phi_y(y)`` (in waves of the
+        strongest sky line; a tilt, a bow and a ripple along each axis) makes each of
+        three sky lines add ``w cos(2 pi s phi + c)``: curved bright and dark bands
+        with local periods of roughly 50-300 unbinned pixels; lines of slightly
+        different wavelength (scale ``s``) beat into a varying amplitude. Unbinned
+        pixels are evaluated at their centres, 0-based.
+
+        Parameters
+        ----------
+        ota : int
+        binning : {1, 2}
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 OTA array ``[y, x]`` of the given binning. P has mean 0 and rms 1
+            over the unbinned OTA, exactly; a binned pixel holds the mean of the
+            unbinned pixels it covers, so every binning shows the same pattern (whose
+            rms at binning 2 is a fraction of a percent below 1).
+        """
+        return self._cached("fringe", ota, binning, self._make_fringe_pattern)
+
+    def _make_fringe_pattern(self, ota, binning):
+        rng = self._rng(ota, "fringe")
+        size = cell_geometry(1).ota_size
+        period = rng.uniform(80.0, 160.0)
+        direction = rng.uniform(0, 2 * np.pi)
+        phase_x, phase_y = (_fringe_phase_profile(rng, size, wavenumber, period)
+                            for wavenumber in (math.cos(direction) / period, math.sin(direction) / period))
+        scale = np.concatenate([[1.0], 1 + rng.uniform(-0.12, 0.12, 2)])
+        weight = np.concatenate([[1.0], rng.uniform(0.3, 0.7, 2)])
+        along_x = 2 * np.pi * np.outer(phase_x, scale) + rng.uniform(0, 2 * np.pi, scale.size)
+        along_y = 2 * np.pi * np.outer(phase_y, scale)
+        # cos(a + b) = cos a cos b - sin a sin b: the pattern is y_factors @ x_factors.T,
+        # whose mean, rms and block means follow exactly from the 1-d factors.
+        x_factors = np.hstack([weight * np.cos(along_x), -weight * np.sin(along_x)])
+        y_factors = np.hstack([np.cos(along_y), np.sin(along_y)])
+        mean = y_factors.mean(axis=0) @ x_factors.mean(axis=0)
+        mean_square = np.sum((y_factors.T @ y_factors) * (x_factors.T @ x_factors)) / size**2
+        rms = math.sqrt(mean_square - mean**2)
+        x_factors = np.column_stack([x_factors / rms, np.full(size, -mean / rms)])
+        y_factors = np.column_stack([y_factors, np.ones(size)])
+        x_factors, y_factors = (f.reshape(-1, binning, f.shape[1]).mean(axis=1).astype(np.float32)
+                                for f in (x_factors, y_factors))
+        return y_factors @ x_factors.T
 
     def nonlinearity(self, ota):
         """Correction coefficients ``[cy, cx, (c2, c3)]`` of the nonlinearity model."""
@@ -259,6 +323,21 @@ class Instrument:
         podi_nonlinearity.write_nonlinearity(table, ota, cellx, celly, coeffs, relgain, overwrite=True)
         (directory / "nonlinearity.history").write_text("# simulated camera\n0.0 nonlinearity_simulated.fits\n")
         return table
+
+
+def _fringe_phase_profile(rng, size, wavenumber, period):
+    """Thickness profile (waves) along one OTA axis at unbinned pixels ``0..size-1``.
+
+    A tilt of ``wavenumber`` (waves per pixel), a bow and a ripple of 1200-3000 px;
+    at the OTA edges the bow, and anywhere the ripple, change the local wavenumber by
+    20-50 % and 15-30 % of ``1 / period``.
+    """
+    u = np.arange(size, dtype=np.float64)
+    bow = rng.choice([-1, 1]) * rng.uniform(0.2, 0.5) / period * size / 4
+    ripple_length = rng.uniform(1200.0, 3000.0)
+    ripple = rng.uniform(0.15, 0.3) / period * ripple_length / (2 * np.pi)
+    return (wavenumber * u + bow * (2 * u / size - 1) ** 2
+            + ripple * np.sin(2 * np.pi * u / ripple_length + rng.uniform(0, 2 * np.pi)))
 
 
 # --- The sky ------------------------------------------------------------------------
@@ -293,7 +372,7 @@ def star_field(spec):
     # Uniform on the sphere within FIELD_RADIUS of the pointing, built around the pole.
     cos_r = 1 - rng.random(number) * (1 - math.cos(math.radians(FIELD_RADIUS)))
     rho, phi = np.degrees(np.arccos(cos_r)), rng.uniform(0, 360, number)
-    ra, dec = _offset_position(spec.ra, spec.dec, rho, phi)
+    ra, dec = _offset_position(*(spec.field_centre or (spec.ra, spec.dec)), rho, phi)
     g_r = rng.uniform(0.2, 1.4, number)
     table = Table({"ra": ra, "dec": dec, "r": r_mag})
     table["g"] = r_mag + g_r
@@ -347,7 +426,7 @@ def render_stars(image, x, y, flux, fwhm_px, beta):
 
 
 def _sky_signal(spec, instrument, ota, wcs, stars):
-    """Electrons from the sky and the stars (before the flat), and star truth."""
+    """Electrons from the sky, its fringes and the stars (before the flat), and star truth."""
     size = cell_geometry(spec.binning).ota_size
     image = np.zeros((size, size), np.float32)
     truth = Table(names=("index", "x", "y", "flux"), dtype=(int, float, float, float))
@@ -358,7 +437,11 @@ def _sky_signal(spec, instrument, ota, wcs, stars):
     if spec.obstype != "OBJECT":
         return image, truth
     if spec.effects.sky:
-        image += np.float32(_sky_rate(spec) * spec.binning**2 * spec.exptime)
+        sky = sky_electrons(spec)
+        image += np.float32(sky)
+        if spec.fringe_amplitude:
+            # Fringes are sky light too: they scale with it and pass through the flat.
+            image += instrument.fringe_pattern(ota, spec.binning) * np.float32(spec.fringe_amplitude * sky)
     if spec.effects.stars and len(stars):
         x, y = wcs.all_world2pix(stars["ra"], stars["dec"], 0, quiet=True)
         margin = 60
@@ -371,7 +454,7 @@ def _sky_signal(spec, instrument, ota, wcs, stars):
 
 
 def true_signal(spec, ota):
-    """Electrons from sky and stars of one OTA before the flat field (the truth image).
+    """Electrons from sky, fringes and stars of one OTA before the flat field (the truth image).
 
     A reduced frame in ADU equals this times the master flat's level ``FLATNRMA``.
     """
@@ -384,6 +467,11 @@ def true_signal(spec, ota):
 
 def _sky_rate(spec):
     return spec.sky_rate if spec.sky_rate is not None else SKY_RATE[spec.filter]
+
+
+def sky_electrons(spec):
+    """Sky of an object exposure in electrons per pixel of its binning (0 without sky)."""
+    return _sky_rate(spec) * spec.binning**2 * spec.exptime if spec.effects.sky else 0.0
 
 
 def _cosmic_rays(image, exptime, rng):
@@ -615,9 +703,7 @@ def simulate_exposure(spec, outdir, ncpus=None):
     directory.mkdir(parents=True, exist_ok=True)
 
     # The header pointing as a string is what the truth is measured against.
-    dec_error = spec.pointing_error[1] / 3600
-    ra_error = spec.pointing_error[0] / 3600 / math.cos(math.radians(spec.dec))
-    header_ra, header_dec = podi_wcs.format_pointing((spec.ra + ra_error) % 360, spec.dec + dec_error)
+    header_ra, header_dec = podi_wcs.format_pointing(*offset_pointing(spec.ra, spec.dec, spec.pointing_error))
     true_ra, true_dec = podi_wcs.parse_pointing({"RA": podi_wcs.format_pointing(spec.ra, spec.dec)[0],
                                                  "DEC": podi_wcs.format_pointing(spec.ra, spec.dec)[1]})
     spec = dataclasses.replace(spec, ra=true_ra, dec=true_dec)
@@ -642,6 +728,33 @@ def simulate_exposure(spec, outdir, ncpus=None):
         reference_catalog(stars, rng).write(outdir / f"{name}.refcat.fits", overwrite=True)
     logger.info("simulated %s: %d OTAs, binning %d", directory, len(otas), spec.binning)
     return directory
+
+
+def offset_pointing(ra, dec, offset):
+    """Pointing ``(ra, dec)`` (degrees) moved by ``offset = (dRA cos(dec), dDec)`` in arcsec."""
+    return (ra + offset[0] / 3600 / math.cos(math.radians(dec))) % 360, dec + offset[1] / 3600
+
+
+def dithered(spec, arcsec):
+    """The exposure ``spec`` as one of a dithered sequence around its pointing.
+
+    Parameters
+    ----------
+    spec : ExposureSpec
+        Its ``ra, dec`` is the sequence's pointing; the offset is drawn from its seed.
+        Exposures of one sequence share ``field_seed`` to see the same stars.
+    arcsec : float
+        Half-width of the uniform offset in ``dRA cos(dec)`` and in ``dDec``.
+
+    Returns
+    -------
+    ExposureSpec
+        True pointing moved by the offset; the star field stays centred on the
+        sequence's pointing, so that every exposure of the sequence sees the same sky.
+    """
+    offset = np.random.default_rng([spec.seed, 5]).uniform(-arcsec, arcsec, 2)
+    ra, dec = offset_pointing(spec.ra, spec.dec, offset)
+    return dataclasses.replace(spec, ra=ra, dec=dec, field_centre=spec.field_centre or (spec.ra, spec.dec))
 
 
 def true_ota_wcs(spec, ota):
@@ -705,7 +818,7 @@ def _cell_map(values, binning, used):
 
 
 def write_true_calibrations(spec, outdir, gain=False):
-    """Write perfect master bias, dark and flat of the simulated camera.
+    """Write perfect master bias, dark and flat (and fringe template) of the simulated camera.
 
     They are what ``podi_makecalibrations`` would make from infinitely many frames:
     tests reduce with them to see the noise of the science frame alone.
@@ -713,14 +826,17 @@ def write_true_calibrations(spec, outdir, gain=False):
     Parameters
     ----------
     spec : ExposureSpec
-        Layout, OTAs, binning, filter; the dark is for ``spec.exptime`` seconds.
+        Layout, OTAs, binning, filter; the dark is for ``spec.exptime`` seconds. With
+        ``spec.fringe_amplitude > 0`` the fringe template ``fringe__<FILTER>.fits`` is
+        written too: per OTA the unit pattern P (:meth:`Instrument.fringe_pattern`),
+        i.e. ``(image - sky) / sky`` of fringe light with amplitude 1, at ``spec.binning``.
     gain : bool
         Masters for data in electrons (``-gain``) instead of ADU.
 
     Returns
     -------
     dict
-        ``bias``, ``dark``, ``flat`` -> Path.
+        ``bias``, ``dark``, ``flat`` (and ``fringe``) -> Path.
     """
     Path(outdir).mkdir(parents=True, exist_ok=True)
     layout = layout_by_name(spec.layout)
@@ -742,11 +858,16 @@ def write_true_calibrations(spec, outdir, gain=False):
         adu_per_e = to_output / _cell_map(gains, spec.binning, used)
         images["dark"][ota] = instrument.dark_current(ota, spec.binning) * spec.exptime * adu_per_e
         images["flat"][ota] = instrument.flat(ota, spec.binning) * adu_per_e / (norm_e if gain else norm_adu)
+    primaries = {kind: master_primary(kind, spec.binning, spec.exptime if kind == "dark" else 0.0,
+                                      spec.mjd, 1.0 if gain else 1.0 / norm_adu, spec.filter)
+                 for kind in images}
+    if spec.fringe_amplitude > 0:
+        images["fringe"] = {ota: instrument.fringe_pattern(ota, spec.binning) for ota in otas}
+        primaries["fringe"] = fits.Header({"OBSTYPE": "FRINGE", "BINNING": spec.binning,
+                                           "MJD-OBS": spec.mjd, "FILTER": spec.filter})
     written = {}
     for kind, by_ota in images.items():
-        effective_gain = 1.0 if gain else 1.0 / norm_adu
-        primary = master_primary(kind, spec.binning, spec.exptime if kind == "dark" else 0.0,
-                                 spec.mjd, effective_gain, spec.filter)
+        primary = primaries[kind]
         primary["TRUTH"] = (True, "made from the simulator's truth")
         hdus = [fits.PrimaryHDU(header=primary)] + \
             [master_extension(ota, data) for ota, data in by_ota.items()]
@@ -781,7 +902,7 @@ def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointi
         norm_adu, norm_e = true_flat_level(spec, otas, binned)
         zp_e = ZP_E[spec.filter]
         aperture = moffat_enclosed(1.5, spec.fwhm, spec.moffat_beta)
-        sky_e = _sky_rate(spec) * spec.binning**2 * spec.exptime if spec.effects.sky else 0.0
+        sky_e = sky_electrons(spec)
         h["ZP_E"] = (zp_e, "mag of 1 e-/s total flux")
         h["FLATNRMA"] = (norm_adu, "master-flat level of flat/gain (ADU per e-)")
         h["FLATNRME"] = (norm_e, "master-flat level of the flat (with -gain)")
@@ -790,6 +911,8 @@ def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointi
         h["PHOTZP3"] = (h["PHOTZPT"] + 2.5 * math.log10(aperture), "true ZP, 3\" aperture, ADU/s")
         h["SKY_E"] = (sky_e, "sky per pixel in the exposure (e-)")
         h["SKY_ADU"] = (sky_e * norm_adu, "true sky in reduced ADU")
+        h["FRNGAMP"] = (spec.fringe_amplitude, "fringe light per unit pattern / sky")
+        h["FRNGSCL"] = (spec.fringe_amplitude * h["SKY_ADU"], "reduced ADU per unit pattern")
     on_otas = vstack([r["stars"] for r in results])
     index = np.asarray(on_otas["index"], int)
     star_table = Table({"ra": stars["ra"][index], "dec": stars["dec"][index],
@@ -817,6 +940,9 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--count", type=int, default=1,
                         help="number of exposures (seeds and sequence numbers count up)")
+    parser.add_argument("--dither", type=float, default=0.0, metavar="ARCSEC",
+                        help="offset each exposure's true pointing from --ra/--dec at random, "
+                             "uniformly within +-ARCSEC in dRA*cos(dec) and dDec (same star field)")
     parser.add_argument("--exptime", type=float, default=300.0)
     parser.add_argument("--filter", default="odi_r", choices=sorted(ZP_E))
     parser.add_argument("--mjd", type=float, default=None,
@@ -830,6 +956,9 @@ def build_parser():
                         help="stars per square degree brighter than mag 22")
     parser.add_argument("--fwhm", type=float, default=1.0, help="seeing FWHM (arcsec)")
     parser.add_argument("--sky", type=float, default=None, help="sky e-/s per unbinned pixel")
+    parser.add_argument("--fringes", type=float, default=0.0, metavar="AMPLITUDE",
+                        help="add the camera's fringe pattern (rms 1) times AMPLITUDE x sky "
+                             "to object frames")
     parser.add_argument("--flat-level", type=float, default=30000.0, help="DFLAT level (ADU)")
     parser.add_argument("--crosstalk", default=None, help="crosstalk matrix file (XTALK.FWD)")
     parser.add_argument("--ncpus", type=int, default=None)
@@ -850,7 +979,8 @@ def spec_from_args(args):
                         seed=args.seed, exptime=args.exptime, filter=args.filter, mjd=mjd,
                         ra=args.ra, dec=args.dec, pointing_error=error,
                         rotator_error=args.rotator_error, star_density=args.star_density,
-                        fwhm=args.fwhm, sky_rate=args.sky, flat_level=args.flat_level,
+                        fwhm=args.fwhm, sky_rate=args.sky, fringe_amplitude=args.fringes,
+                        flat_level=args.flat_level,
                         crosstalk_file=args.crosstalk, effects=effects)
 
 
@@ -863,6 +993,8 @@ def main(argv=None):
             # Exposures of a sequence are 60 s apart in time.
             this = dataclasses.replace(spec, seed=spec.seed + i, sequence=i + 1,
                                        mjd=spec.mjd + i * 60 / 86400, field_seed=spec.seed)
+            if args.dither:
+                this = dithered(this, args.dither)
             directory = simulate_exposure(this, args.outdir, args.ncpus)
             print(directory)
         if args.write_nonlinearity:
