@@ -9,21 +9,24 @@ the job of the steps. Rules:
   is a file (used as is) or a folder holding the master under its default name
   (:func:`master_name`): ``bias_bin<b>.fits``,
   ``dark_yes_bin<b>.fits``, ``flat_<FILTER>_bin<b>.fits`` with the raw ``FILTER``
-  value, then the normalised filter name (DECISIONS 5). ``-dark=none`` (likewise
-  for bias and flat) switches the step off even with ``-cals``.
+  value (as :mod:`podi_makecalibrations` names flats), then the normalised filter
+  name. ``-dark=none`` (likewise for bias and flat) switches the step off even
+  with ``-cals``.
 * ``bpm``: ``auto`` is the package's ``bpm/<layout>/``; otherwise a folder of
   ``bpm_xy<NN>.reg`` files.
 * ``nonlinearity``, ``crosstalk``: a file, or a folder with a history file chosen
   by ``MJD-OBS``; the bare flag (``auto``) looks in ``<cals>/nonlinearity/`` or
-  ``<cals>/crosstalk/`` (DECISIONS 7a). An absent ``-crosstalk`` gives
-  ``'default'`` (the built-in coefficient), ``-crosstalk=none`` None.
+  ``<cals>/crosstalk/`` (the package ships no instrument tables of its own). An
+  absent ``-crosstalk`` gives ``'default'`` (the built-in coefficient),
+  ``-crosstalk=none`` None.
 * ``wcs``: absent or ``auto`` is the package's model for the focal plane in use;
   ``none`` is None (plain TAN from the pointing); otherwise a file, or a folder
   with ``wcs.history``.
 
 A calibration that was asked for and cannot be found stops the frame before any
-OTA is reduced (DECISIONS 13): :class:`CalibrationNotFound` with a one-line
-message naming the flag and every path tried.
+OTA is reduced, so that no frame is written without a correction it was asked for:
+:class:`CalibrationNotFound` with a one-line message naming the flag and every path
+tried.
 
 Decision: the dark under ``-cals``
 ----------------------------------
@@ -31,7 +34,7 @@ Decision: the dark under ``-cals``
 just like a missing bias or flat. Treating it as optional would need a way to tell
 "this camera has no dark" from "the dark is in another folder or was made at the
 other binning", and the resolver has none; the frame would silently lose its dark
-and amplifier-glow correction, which is exactly what DECISIONS 13 forbids. Nights
+and amplifier-glow correction, which is exactly what the rule above forbids. Nights
 without darks are still easy to reduce, explicitly: ``-cals=DIR -dark=none``.
 """
 
@@ -48,7 +51,8 @@ from podi_nonlinearity import nonlinearity_file_for_mjd
 logger = logging.getLogger(__name__)
 
 #: Keys of the dictionary returned by :func:`resolve_calibrations`.
-STEPS = ("bias", "dark", "flat", "bpm", "nonlinearity", "wcs", "crosstalk")
+STEPS = ("bias", "dark", "flat", "bpm", "nonlinearity", "wcs", "crosstalk", "fringe",
+         "fringevectors")
 
 #: Value of the ``crosstalk`` entry meaning "built-in coefficient" (no file).
 DEFAULT_CROSSTALK = "default"
@@ -94,9 +98,52 @@ def resolve_calibrations(options, primary_header, binning):
     resolved["nonlinearity"] = resolve_nonlinearity(options.get("nonlinearity"), cals, mjd)
     resolved["wcs"] = resolve_wcs(options.get("wcs"), layout, mjd)
     resolved["crosstalk"] = resolve_crosstalk(options.get("crosstalk"), cals, mjd)
+    resolved["fringe"], resolved["fringevectors"] = resolve_fringe(
+        options.get("fringe"), options.get("fringevectors"), primary_header)
     for step in STEPS:
         logger.debug("%s: %s", step, resolved[step])
     return resolved
+
+
+def resolve_fringe(template, vectors, primary_header):
+    """Fringe template file and vector folder, or (None, None) when fringes stay.
+
+    ``-fringe=FILE`` names the template; ``-fringe=DIR`` looks for
+    ``fringe__<FILTER>.fits`` (raw ``FILTER``, then the normalised name) and, when the
+    filter has none, leaves the frame alone with a warning: a night loop passes the
+    same folder for every filter, and only the red ones have fringes. The vectors
+    are ``fringevectors__<FILTER>__OTA<xy>.reg`` in ``-fringevectors=DIR`` (a file
+    there stands for its folder), by default next to the template.
+
+    Raises
+    ------
+    CalibrationNotFound
+        A named file or folder does not exist.
+    """
+    if template is None:
+        if vectors is not None:
+            logger.warning("-fringevectors=%s without -fringe: ignored", vectors)
+        return None, None
+    path = _path(template)
+    if path.is_dir():
+        raw = str(primary_header.get("FILTER", "unknown")).strip()
+        names = dict.fromkeys([master_name("fringe", 1, raw),
+                               master_name("fringe", 1, normalised_filter_name(primary_header))])
+        found = next((path / name for name in names if (path / name).is_file()), None)
+        if found is None:
+            logger.warning("-fringe=%s: no template for filter %s (tried %s); fringes not removed",
+                           template, raw, ", ".join(names))
+            return None, None
+        path = found
+    elif not path.is_file():
+        raise CalibrationNotFound(f"-fringe={template}: no such file or folder")
+    if vectors is None:
+        return _absolute(path), _absolute(path.parent)
+    folder = _path(vectors)
+    folder = folder.parent if folder.is_file() else folder
+    if not folder.is_dir():
+        raise CalibrationNotFound(f"-fringevectors={vectors}: no such file or folder")
+    return _absolute(path), _absolute(folder)
 
 
 def observation_mjd(primary_header):
@@ -133,7 +180,8 @@ def master_candidates(step, primary_header, binning):
     """File names a master of ``step`` may have in a calibration folder, in order."""
     if step != "flat":
         return [master_name(step, binning)]
-    # podi_makecalibrations names flats with the raw FILTER value (DECISIONS 5).
+    # podi_makecalibrations names flats with the raw FILTER value; other folders may
+    # use the normalised name.
     raw = str(primary_header.get("FILTER", "unknown")).strip()
     names = [master_name("flat", binning, raw),
              master_name("flat", binning, normalised_filter_name(primary_header))]
@@ -173,7 +221,7 @@ def resolve_bpm(value, layout):
 
     ``auto`` is the package's folder for ``layout``. Where it does not exist the
     frame is still reduced: every OTA without a region file is left unmasked with
-    a warning (DECISIONS 6).
+    a warning: a missing region file costs the masking, not the frame.
     """
     if value is None:
         return None
@@ -228,7 +276,7 @@ def resolve_wcs(value, layout, mjd):
 
 
 def _auto_source(step, value, cals):
-    # A bare flag means the step's subfolder of -cals (DECISIONS 7a).
+    # A bare flag means the step's subfolder of -cals: the package ships no tables.
     if value != "auto":
         return _path(value)
     if cals is None:

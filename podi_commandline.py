@@ -46,7 +46,9 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -verbose                   more log output                                  False
     -profile                   one process, under cProfile                      False
     -update_persistency_only   accepted for compatibility, no effect            False
-    -pupilghost, -fringe, -fringevectors, -persistency, -nonsidereal
+    -fringe=DIR|FILE           fringe template (folder: fringe__<FILTER>.fits)  None (off)
+    -fringevectors=DIR|FILE    folder of the fringe vector regions              None (template's folder)
+    -pupilghost, -persistency, -nonsidereal
                                not available yet: stop with an error            None
     -pointing, -dither, -target
                                defunct: accepted with a warning, ignored        (no key)
@@ -77,8 +79,9 @@ DIRECTORY_OUTPUT_NAME = "collectcells.fits"
 #: Seconds for a bare ``-timeout``.
 DEFAULT_TIMEOUT = 900.0
 
-#: Flags of steps that later issues build (DECISIONS 16): parsed, then refused.
-NOT_AVAILABLE_FLAGS = ("pupilghost", "fringe", "fringevectors", "persistency", "nonsidereal")
+#: Flags of steps not built yet: parsed, then refused with "not available yet", so
+#: that no flag is silently ignored.
+NOT_AVAILABLE_FLAGS = ("pupilghost", "persistency", "nonsidereal")
 
 #: Flags of the original that no longer do anything -> hint for the warning.
 DEFUNCT_FLAGS = {
@@ -338,13 +341,13 @@ FLAGS = (
     _switch("verbose", "more log output"),
     _switch("profile", "run in one process under cProfile"),
     _switch("update_persistency_only", "accepted for compatibility; no effect"),
-    # Steps of later issues: the table entries are placeholders, see NOT_AVAILABLE_FLAGS.
+    Flag("fringe", "fringe", None, "fringe template fringe__<FILTER>.fits, or its folder "
+         "(a filter without one is left alone)", _text, metavar="=DIR|FILE"),
+    Flag("fringevectors", "fringevectors", None, "folder of fringevectors__<FILTER>__OTA<xy>.reg "
+         "(default: the template's folder)", _text, metavar="=DIR|FILE"),
+    # Steps not built yet: the table entries are placeholders, see NOT_AVAILABLE_FLAGS.
     Flag("pupilghost", "pupilghost", None, "pupil-ghost templates (not available yet)", _text,
          metavar="=DIR"),
-    Flag("fringe", "fringe", None, "fringe templates (not available yet)", _text,
-         metavar="=DIR|FILE"),
-    Flag("fringevectors", "fringevectors", None, "fringe vector regions (not available yet)",
-         _text, metavar="=DIR"),
     Flag("persistency", "persistency", None, "saturation catalogs (not available yet)", _text,
          metavar="=DIR"),
     Flag("nonsidereal", "nonsidereal", None, "non-sidereal tracking (not available yet)", _text,

@@ -16,8 +16,6 @@ is reduced and its sources are detected (:mod:`podi_findstars`, in the workers):
 """
 
 import logging
-import os
-from pathlib import Path
 
 import astropy.units as u
 import numpy as np
@@ -35,6 +33,10 @@ from podi_sky import global_sky
 logger = logging.getLogger("podi_collectcells")
 
 
+#: Blank cards kept at the end of each OTA header written before the WCS fit: the
+#: fit's keywords take their place, so the header keeps its size in the file.
+WCS_SPARE_CARDS = 72
+
 #: Source flags that keep a detection out of the WCS fit.
 _WCS_BAD_FLAGS = (podi_findstars.FLAG_SATURATED | podi_findstars.FLAG_NEAR_UNDEFINED
                   | podi_findstars.FLAG_TRUNCATED)
@@ -51,15 +53,11 @@ def reference_stars(refcat, first_header):
     return refcat.query(ra, dec, _REFCAT_RADIUS, epoch=2000.0 + (mjd - 51544.5) / 365.25)
 
 
-def catalog_name(options):
-    """Name of the reference catalog for ``ASTRMCAT`` and ``PHOTMCAT``."""
-    return Path(str(options.get("refcat") or os.environ.get("PODI_REFCAT", ""))).name or "unknown"
-
-
-def astrometric_calibration(products, reference, options, size):
+def astrometric_calibration(results, reference, settings, size):
     """``-fixwcs``: fit every OTA's WCS to the reference catalog (:mod:`podi_fixwcs`).
 
-    Updates the OTA headers of ``products`` (and their header text) in place.
+    Updates the OTA headers of ``results`` (and their header text) in place; the
+    keywords of the fit take the place of the :data:`WCS_SPARE_CARDS` blank cards.
 
     Returns
     -------
@@ -68,38 +66,42 @@ def astrometric_calibration(products, reference, options, size):
         and ``WCSCAL.CAT``.
     """
     sources, headers = {}, {}
-    for ota, result in products.items():
-        table = result["sources"]
+    for ota, result in results.items():
+        table = result.sources
         good = table[(table["FLAGS"] & _WCS_BAD_FLAGS) == 0]
         sources[ota] = (np.asarray(good["XWIN"]) - 1, np.asarray(good["YWIN"]) - 1)
-        headers[ota] = result["header"]
+        headers[ota] = result.header
     solution = podi_fixwcs.solve_wcs(sources, headers, reference, ota_size=size)
     if not solution.success:
         logger.warning("-fixwcs: %s; the canned WCS is kept (WCSCAL = F)", solution.message)
     for ota, header in solution.headers.items():
-        result = products[ota]
+        result = results[ota]
+        added = [key for key in solution.ota_keywords.get(ota, {}) if key not in result.header]
+        if len(added) > WCS_SPARE_CARDS:
+            raise ValueError(f"-fixwcs: OTA {ota:02d} needs {len(added)} new header keywords, "
+                             f"more than the {WCS_SPARE_CARDS} spare cards kept for them")
         for key in ("CRVAL1", "CRVAL2", "CD1_1", "CD1_2", "CD2_1", "CD2_2"):
-            result["header"][key] = header[key]
+            result.header[key] = header[key]
         for key, card in solution.ota_keywords.get(ota, {}).items():
-            result["header"][key] = card
-        result["header_text"] = header_text_with_checksum(result["header"])
+            result.header[key] = card
+        result.header_text = header_text_with_checksum(result.header)
     keywords = dict(solution.keywords)
-    keywords.update(seeing_keywords(products))
-    keywords["ASTRMCAT"] = podi_photcalib.text_keyword(catalog_name(options),
+    keywords.update(seeing_keywords(results))
+    keywords["ASTRMCAT"] = podi_photcalib.text_keyword(settings.refcat_name,
                                                       "astrometric reference catalog", keep_end=True)
     tables = [fits.BinTableHDU(solution.reference, name="CAT.WCSREF"),
               fits.BinTableHDU(solution.matches, name="WCSCAL.CAT")]
     return solution.success, keywords, tables
 
 
-def seeing_keywords(products):
+def seeing_keywords(results):
     """Seeing from the detected stars: ``FWHM_WORLD`` (through each OTA's local pixel scale).
 
     ``SEEING`` is the 3-sigma-clipped median of the unflagged sources (cosmic rays
     and hot pixels are already rejected by :mod:`podi_findstars`).
     """
-    every = np.concatenate([np.asarray(r["sources"]["FWHM_WORLD"], float) for r in products.values()])
-    flags = np.concatenate([np.asarray(r["sources"]["FLAGS"]) for r in products.values()])
+    every = np.concatenate([np.asarray(r.sources["FWHM_WORLD"], float) for r in results.values()])
+    flags = np.concatenate([np.asarray(r.sources["FLAGS"]) for r in results.values()])
     clean = every[(flags == 0) & np.isfinite(every)]
     seeing, n_stars = podi_findstars.clipped_seeing(clean)
     if not n_stars:
@@ -111,19 +113,19 @@ def seeing_keywords(products):
             "FWHMNFLT": (int(clean.size), "unflagged sources")}
 
 
-def source_catalog(products):
+def source_catalog(results):
     """``CAT.ODI``: every detected source with RA/Dec through its OTA's final WCS."""
     tables = []
-    for ota, result in products.items():
-        table = result["sources"]
-        ra, dec = podi_fixwcs.pixel_to_sky(result["header"], np.asarray(table["XWIN"]) - 1,
+    for ota, result in results.items():
+        table = result.sources
+        ra, dec = podi_fixwcs.pixel_to_sky(result.header, np.asarray(table["XWIN"]) - 1,
                                            np.asarray(table["YWIN"]) - 1)
         table = Table(table, meta={})
         table.add_column(ra, name="RA", index=0)
         table.add_column(dec, name="DEC", index=1)
         table["RA"].unit = table["DEC"].unit = "deg"
         for name in ("FLUX", "FLUX_ERR", "FLUX_MAX", "BACKGROUND"):
-            table[name].unit = fits_unit(result["header"]["BUNIT"])
+            table[name].unit = fits_unit(result.header["BUNIT"])
         tables.append(table)
     return vstack(tables) if tables else Table()
 
@@ -146,7 +148,7 @@ PHOTCALIB_HEADER_KEYWORDS = ("AIRMASS", "FILTER", "FILTERID", "MJD-OBS", "OBSID"
                              "EXPMEAS", "TELFOCUS", "ROTSTART", "ROTEND", "ADCMODE")
 
 
-def photometric_calibration(catalog, reference, products, first_header, options, seeing, psf):
+def photometric_calibration(catalog, reference, results, first_header, settings, seeing, psf):
     """``-photcalib``: zero point, aperture correction, sky brightness and depth.
 
     Calibrates the ``MAG_Dnn`` columns of ``catalog`` (``CAT.ODI``) in place where a
@@ -161,22 +163,22 @@ def photometric_calibration(catalog, reference, products, first_header, options,
     (dict, list)
         Primary keywords (:mod:`podi_photcalib`) and the table ``CAT.PHOTCALIB``.
     """
-    name = catalog_name(options)
+    name = settings.refcat_name
     exptime = float(first_header.get("EXPTIME", 0.0))
     if not exptime > 0:
         message = f"EXPTIME is {exptime:g} s"
         logger.warning("-photcalib: %s; no zero point", message)
         return {"PHOTCAL": (False, "photometric calibration done"),
                 "PHOTMSG": (message, "why there is no zero point")}, []
-    first = next(iter(products.values()))["header"]
+    first = next(iter(results.values())).header
     centre = (podi_photcalib.radial_zeropoint_centre(first["CRVAL1"], first["CRVAL2"])
-              if options.get("fitradialZP") else None)
+              if settings.fit_radial_zp else None)
     airmass = first_header.get("AIRMASS")
     result = podi_photcalib.calibrate(catalog, reference, normalised_filter_name(first_header),
                                       exptime, airmass=float(airmass) if airmass is not None else None,
                                       catalog_name=name, radial_centre=centre,
                                       colour_terms=podi_photcalib.ORIGINAL_COLOUR_TERMS
-                                      if options.get("colourterms") else None)
+                                      if settings.colour_terms else None)
     table = fits.BinTableHDU(result.table, name="CAT.PHOTCALIB")
     for key in PHOTCALIB_HEADER_KEYWORDS:
         if key in first_header:
@@ -188,8 +190,8 @@ def photometric_calibration(catalog, reference, products, first_header, options,
     seeing = keywords.get("SEEING", (seeing,))[0]
     keywords.update(podi_photcalib.aperture_correction(psf, seeing))
     zeropoint = keywords["PHOTZP_X"][0] + keywords["APCORR"][0]
-    sky, noise = global_sky(products, first_header)
-    scale = float(np.median([r["pixel_scale"] for r in products.values()]))
+    sky, noise = global_sky(results, first_header)
+    scale = float(np.median([r.pixel_scale for r in results.values()]))
     beta = psf.beta if psf is not None else podi_findstars.DEFAULT_MOFFAT_BETA
     keywords.update(podi_photcalib.sky_and_depth(zeropoint, sky, noise, scale, seeing, beta))
     for tag in podi_photcalib.APERTURES:
@@ -208,7 +210,7 @@ def catalog_hdu(catalog):
     return hdu
 
 
-def frame_psf(products):
+def frame_psf(results):
     """The frame's Moffat PSF from the bright stars' curves of growth.
 
     :func:`podi_findstars.fit_moffat_growth` over the stars of all OTAs. Each
@@ -221,7 +223,7 @@ def frame_psf(products):
     (podi_findstars.MoffatFit or None, dict)
         The fit (FWHM in arcsec) and the keywords ``PSFFWHM``, ``PSFBETA``, ``PSF_N``.
     """
-    sources = [result["sources"] for result in products.values()]
+    sources = [result.sources for result in results.values()]
     growth = np.concatenate([table.meta["GROWTH"] for table in sources])
     outer = np.concatenate([np.full(len(table.meta["GROWTH"]), table.meta["GROWTH_R"])
                             for table in sources])
@@ -240,10 +242,10 @@ def frame_psf(products):
                  "PSF_N": (psf.n_stars, "bright isolated stars in the PSF fit")}
 
 
-def frame_calibrations(products, refcat, first_header, options, size):
+def frame_calibrations(results, refcat, first_header, settings, size):
     """``-fixwcs`` and ``-photcalib`` on the collected OTAs.
 
-    Updates the OTA headers (and header texts) of ``products``; the caller writes them.
+    Updates the OTA headers (and header texts) of ``results``; the caller writes them.
 
     Returns
     -------
@@ -251,25 +253,25 @@ def frame_calibrations(products, refcat, first_header, options, size):
         Primary keywords, and the tables ``CAT.WCSREF``, ``WCSCAL.CAT``, ``CAT.ODI`` and
         (with ``-photcalib``) ``CAT.PHOTCALIB`` in output order.
     """
-    psf, psf_keywords = frame_psf(products)
+    psf, psf_keywords = frame_psf(results)
     reference = reference_stars(refcat, first_header)
-    calibrated, keywords, tables = astrometric_calibration(products, reference, options, size)
+    calibrated, keywords, tables = astrometric_calibration(results, reference, settings, size)
     keywords.update(psf_keywords)
-    catalog = source_catalog(products)
+    catalog = source_catalog(results)
     photcalib_tables = []
-    if options.get("photcalib") and not calibrated:
+    if settings.photcalib and not calibrated:
         logger.warning("-photcalib: no zero point without a calibrated WCS (PHOTCAL = F)")
         keywords.update(PHOTCAL=(False, "photometric calibration done"),
                         PHOTMSG=("WCS not calibrated", "why there is no zero point"))
-    elif options.get("photcalib"):
+    elif settings.photcalib:
         photometry, photcalib_tables = photometric_calibration(
-            catalog, reference, products, first_header, options, keywords["SEEING"][0], psf)
+            catalog, reference, results, first_header, settings, keywords["SEEING"][0], psf)
         keywords.update(photometry)
     # Made after the photometry, which calibrates the catalog's magnitudes.
     return keywords, tables + [catalog_hdu(catalog)] + photcalib_tables
 
 
-def qa_data(products, tables, keywords, first_header, size):
+def qa_data(results, tables, keywords, first_header, size):
     """What the QA plots of a calibrated frame show (:class:`podi_plots.QAData`).
 
     ``tables`` and ``keywords`` are :func:`frame_calibrations`' results; ``size`` is
@@ -279,13 +281,13 @@ def qa_data(products, tables, keywords, first_header, size):
     import podi_plots
     by_name = {table.name: Table(table.data) for table in tables}
     outlines = {}
-    for ota, result in products.items():
+    for ota, result in results.items():
         n = size - 1
-        ra, dec = podi_fixwcs.pixel_to_sky(result["header"], [0, n, n, 0], [0, 0, n, n])
+        ra, dec = podi_fixwcs.pixel_to_sky(result.header, [0, n, n, 0], [0, 0, n, n])
         outlines[ota] = np.column_stack([ra, dec])
     radial = None
     if keywords.get("RADZPFIT", (False,))[0]:
-        first = next(iter(products.values()))["header"]
+        first = next(iter(results.values())).header
         radial = {"centre": podi_photcalib.radial_zeropoint_centre(first["CRVAL1"], first["CRVAL2"]),
                   "p0": keywords["RADZP_P0"][0], "p1": keywords["RADZP_P1"][0]}
     calibrated = keywords.get("PHOTCAL", (False,))[0]

@@ -4,6 +4,7 @@ Usage::
 
     podi_makecalibrations input [input ...] calibdir [-crosstalk=FILE|none]
         [-nonlinearity=FILE] [-gain] [-combine=median|mean] [-binning=N] [-ncpus=N]
+        [-bpm=DIR] [-fringe]
 
 Each ``input`` is an exposure directory, one OTA file of an exposure, or a text
 file listing such paths in its first column (``#`` comments allowed). Exposures are
@@ -16,6 +17,15 @@ anything else is skipped with a message. For each binning ``b`` the tool writes
 * ``flat_<FILTER>_bin<b>.fits``: bias- and dark-subtracted flats, each scaled to
   the mean level of the stack, combined, then normalised to 1.0 over the OTAs that
   the filter illuminates fully (pixels below 0.1 become NaN).
+
+With ``-fringe``, the object exposures among the inputs (reduced with these
+masters: sky-dominated, dithered frames of one filter) also give
+
+* ``fringe__<FILTER>.fits``: per OTA the NaN-median of ``(image - sky) / sky`` with
+  sources masked (:mod:`podi_fringe`), the template ``podi_collectcells -fringe``
+  subtracts;
+* ``fringevectors__<FILTER>__OTA<xy>.reg``: pairs of close dark and bright points of
+  that template (ds9 vectors), chosen automatically.
 
 Each input goes through the same per-OTA stages as ``podi_collectcells`` (crosstalk,
 overscan, nonlinearity, gain), so masters and science frames must be made with the
@@ -36,11 +46,12 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+import podi_fringe
 from podi_badpixels import derive_bpm_files
-from podi_calibfiles import master_name
+from podi_calibfiles import fringe_vectors_name, master_name
 from podi_crosstalk import crosstalk_file_for_mjd
 from podi_definitions import (PIPELINE_NAME, binning_from_header, cell_geometry, cell_to_ota,
-                              fppos_for_ota, layout_for_mjd, ota_extname,
+                              fppos_for_ota, is_guide_ota, layout_for_mjd, ota_extname,
                               otas_to_normalize_flat)
 from podi_imcombine import COMBINE_METHODS, clipped_combine
 from podi_mef import CalibrationError, write_atomic
@@ -244,13 +255,7 @@ def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None)
             members = [e for e in exposures if ota in e.ota_files]
             jobs.append((kind, ota, binning, [e.ota_files[ota] for e in members], settings, combine,
                          [e.exptime for e in members], tmpdir))
-        workers = max(1, min(ncpus or os.cpu_count() or 1, len(jobs)))
-        if workers == 1:
-            results = [combine_ota(*job) for job in jobs]
-        else:
-            with ProcessPoolExecutor(workers) as pool:
-                results = list(pool.map(combine_ota, *zip(*jobs)))
-        results = [r for r in results if r["path"] is not None]
+        results = [r for r in map_otas(combine_ota, jobs, ncpus) if r["path"] is not None]
         if not results:
             raise CalibrationError(f"{filename}: no usable input for any OTA")
         level = 1.0
@@ -283,12 +288,105 @@ def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None)
     return filename
 
 
+def map_otas(function, jobs, ncpus=None):
+    """``function(*job)`` for every job, one OTA per worker process; results in order."""
+    workers = max(1, min(ncpus or os.cpu_count() or 1, len(jobs)))
+    if workers == 1:
+        return [function(*job) for job in jobs]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(function, *zip(*jobs)))
+
+
+def fringe_ota(ota, binning, files, settings, tmpdir):
+    """Fringe template and vectors of one OTA from reduced object frames.
+
+    Each frame is reduced with ``settings`` (bias, dark, flat), its sky taken as
+    the robust median of the OTA, and ``(image - sky) / sky`` with sources masked
+    (:func:`podi_fringe.relative_fringes`); the frames are median-combined and the
+    vectors chosen on the result (:func:`podi_fringe.choose_fringe_vectors`).
+
+    Returns
+    -------
+    dict
+        ``ota``, ``path`` of the temporary single-HDU template (None without usable
+        frames), ``nframes`` and ``vectors`` ((N, 4) unbinned 0-based pixels).
+    """
+    relative = []
+    for filename in files:
+        try:
+            frame = reduce_ota(filename, settings)
+        except RawDataError as error:
+            logger.warning("skipped %s", error)
+            continue
+        if is_guide_ota(str(frame.primary.get("CELLMODE", ""))):
+            return {"ota": ota, "path": None, "nframes": 0}
+        sky = robust_statistics(frame.image, step=7)[0]
+        if not sky > 0:
+            logger.warning("skipped %s: sky level %.3g is not positive", filename, sky)
+            continue
+        relative.append(podi_fringe.relative_fringes(frame.image, sky, binning=frame.binning))
+        del frame
+    if not relative:
+        return {"ota": ota, "path": None, "nframes": 0}
+    template, nframes = podi_fringe.combine_fringe_frames(relative), len(relative)
+    del relative
+    vectors = podi_fringe.choose_fringe_vectors(template, binning)
+    path = Path(tmpdir) / f"fringe{ota:02d}.fits"
+    fits.PrimaryHDU(template).writeto(path)
+    return {"ota": ota, "path": path, "nframes": nframes, "vectors": vectors}
+
+
+def make_fringe_template(exposures, outdir, settings, ncpus=None):
+    """``fringe__<FILTER>.fits`` and its vector files from object exposures of one filter.
+
+    Returns
+    -------
+    Path
+        The template file; the vector files are written next to it.
+    """
+    filter_name, binning = exposures[0].filter, exposures[0].binning
+    filename = Path(outdir) / master_name("fringe", binning, filter_name)
+    if len(exposures) < 3:
+        logger.warning("%s: only %d object exposures; stars are masked well only in a median "
+                       "of at least 3 dithered frames", filename.name, len(exposures))
+    otas = sorted({ota for exposure in exposures for ota in exposure.ota_files})
+    layout = layout_for_mjd(exposures[0].mjd)
+    logger.info("%s: %d exposures, %d OTAs", filename.name, len(exposures), len(otas))
+    with tempfile.TemporaryDirectory(dir=outdir, prefix=".makecal") as tmpdir:
+        jobs = [(ota, binning, [e.ota_files[ota] for e in exposures if ota in e.ota_files], settings,
+                 tmpdir)
+                for ota in otas]
+        results = {r["ota"]: r for r in map_otas(fringe_ota, jobs, ncpus) if r["path"] is not None}
+        if not results:
+            raise CalibrationError(f"{filename}: no usable object frame for any OTA")
+        primary = fits.Header()
+        primary["PIPELINE"] = PIPELINE_NAME
+        primary["OBSTYPE"] = ("FRINGE", "relative fringe amplitude (image - sky) / sky")
+        primary["FILTER"] = filter_name
+        primary["BINNING"] = binning
+        primary["MJD-OBS"] = float(np.mean([e.mjd for e in exposures]))
+        primary["NCOMBINE"] = (len(exposures), "exposures given")
+        for exposure in exposures:
+            primary.add_history(f"input: {exposure.name}")
+        hdus = [fits.PrimaryHDU(header=primary)]
+        for ota in [o for o in layout.output_order if o in results]:
+            hdus.append(master_extension(ota, fits.getdata(results[ota]["path"]),
+                                         NCOMBINE=results[ota]["nframes"],
+                                         NVECTORS=len(results[ota]["vectors"])))
+            podi_fringe.write_fringe_vectors(Path(outdir) / fringe_vectors_name(filter_name, ota),
+                                             results[ota]["vectors"])
+        write_atomic(fits.HDUList(hdus), filename)
+    return filename
+
+
 def make_calibrations(paths, outdir, settings=None, combine="median", binning=None, ncpus=None,
-                      bpm_dir=None):
+                      bpm_dir=None, fringe=False):
     """Sort the exposures and build every master they allow; return the files written.
 
     With ``bpm_dir``, bad-pixel region files are also derived from the master dark
-    and the first master flat of each binning (:mod:`podi_badpixels`).
+    and the first master flat of each binning (:mod:`podi_badpixels`). With
+    ``fringe``, object exposures give fringe templates and vectors per filter
+    (:func:`make_fringe_template`), reduced with the masters made here.
     """
     settings = settings or ReductionSettings(crosstalk="default")
     outdir = Path(outdir)
@@ -309,20 +407,29 @@ def make_calibrations(paths, outdir, settings=None, combine="median", binning=No
             groups[("dark", exposure.binning, None)].append(exposure)
         elif exposure.obstype in FLAT_TYPES:
             groups[("flat", exposure.binning, exposure.filter)].append(exposure)
+        elif exposure.obstype == "OBJECT" and fringe:
+            groups[("fringe", exposure.binning, exposure.filter)].append(exposure)
         else:
             logger.warning("skipped %s: OBSTYPE %r is not a calibration", exposure.name,
                            exposure.obstype)
     written = []
-    for kind in ("bias", "dark", "flat"):
+    for kind in ("bias", "dark", "flat", "fringe"):
         for (group_kind, b, filter_name), exposures in sorted(groups.items(), key=str):
             if group_kind != kind:
                 continue
             stage_settings = replace(settings)
-            if kind in ("dark", "flat"):
+            if kind in ("dark", "flat", "fringe"):
                 stage_settings.bias = _existing(outdir / master_name("bias", b), kind)
-            if kind == "flat":
+            if kind in ("flat", "fringe"):
                 stage_settings.dark = _existing(outdir / master_name("dark", b), kind)
-            written.append(make_master(kind, exposures, outdir, stage_settings, combine, ncpus))
+            if kind == "fringe":
+                stage_settings.flat = _existing(outdir / master_name("flat", b, filter_name), kind)
+                if stage_settings.flat is None:
+                    logger.warning("no fringe template for %s without its flat field", filter_name)
+                    continue
+                written.append(make_fringe_template(exposures, outdir, stage_settings, ncpus))
+            else:
+                written.append(make_master(kind, exposures, outdir, stage_settings, combine, ncpus))
     if bpm_dir is not None:
         derive_region_files(written, bpm_dir)
     return written
@@ -361,6 +468,8 @@ def build_parser():
     parser.add_argument("-binning", type=int, default=None, help="only use frames of this binning")
     parser.add_argument("-bpm", default=None, metavar="DIR",
                         help="also derive bad-pixel region files from the master dark and flat")
+    parser.add_argument("-fringe", action="store_true",
+                        help="also build fringe templates and vectors from the object exposures")
     parser.add_argument("-ncpus", type=int, default=None)
     return parser
 
@@ -377,7 +486,7 @@ def main(argv=None):
                                  nonlinearity=args.nonlinearity, gain=args.gain)
     try:
         written = make_calibrations(inputs, outdir, settings, args.combine, args.binning, args.ncpus,
-                                    args.bpm)
+                                    args.bpm, args.fringe)
     except (CalibrationError, RawDataError, OSError, ValueError) as error:
         print(f"podi_makecalibrations: error: {error}", file=sys.stderr)
         return 1

@@ -91,6 +91,14 @@ class OTAFrame:
         Median read noise of the used cells, in the data's current units.
     saturation : float
         Lowest level at which a pixel may be saturated, in the data's current units.
+    sky_samples : numpy.ndarray or None
+        Sky boxes of :func:`podi_sky.sky_samples`, once measured.
+    sources : astropy.table.Table or None
+        Detected sources, once detected.
+    pixel_scale : float or None
+        arcsec/pixel at the OTA's centre, once sources are detected.
+    inherited : dict
+        Exposure keywords moved out of ``header`` for the primary header.
     """
 
     filename: Path
@@ -105,6 +113,10 @@ class OTAFrame:
     steps: dict = field(default_factory=dict)
     read_noise: float = np.nan
     saturation: float = float(SATURATION_ADU)
+    sky_samples: np.ndarray = None
+    sources: object = None
+    pixel_scale: float = None
+    inherited: dict = field(default_factory=dict)
 
     def record(self, step, message, filename=None):
         self.steps[step] = "done"

@@ -1,6 +1,6 @@
 """Sky level and pixel noise of an OTA from random source-free boxes, and of the frame.
 
-No source detection is needed (DECISIONS 11): each box's level is a sigma-clipped
+No source detection is needed: each box's level is a sigma-clipped
 mean of its pixels, which ignores the few star pixels a box may hold; boxes that
 touch undefined pixels (cell gaps, masked regions) are rejected.
 """
@@ -80,17 +80,20 @@ def sky_statistics(samples):
     return float(np.median(levels)), float(np.mean(levels)), float(np.std(levels))
 
 
-def global_sky(products, first_header):
+def global_sky(results, first_header):
     """Median sky level and pixel noise over the OTAs used for photometry (BUNIT).
+
+    ``results`` maps OTA -> an object with ``header`` and ``sky_samples``
+    (:class:`podi_otaphases.OTAResult`).
 
     Full-field filters use every OTA, others the central 3x3; guide OTAs never.
     """
     layout = layout_for_mjd(first_header.get("MJD-OBS", 0.0))
     full_field = normalised_filter_name(first_header) in FULL_FIELD_FILTERS
-    chosen = [r for ota, r in products.items()
+    chosen = [r for ota, r in results.items()
               if (full_field or ota in layout.central_3x3)
-              and not is_guide_ota(str(r["header"].get("CELLMODE", "")))] or list(products.values())
-    samples = np.concatenate([r["sky_samples"] for r in chosen])
+              and not is_guide_ota(str(r.header.get("CELLMODE", "")))] or list(results.values())
+    samples = np.concatenate([r.sky_samples for r in chosen])
     if not len(samples):
         return math.nan, math.nan
     return float(np.median(samples["level"])), float(np.median(samples["noise"]))

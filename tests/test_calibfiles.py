@@ -1,4 +1,6 @@
-"""Calibration file resolution (facts 2.3, DECISIONS 5, 6, 7a, 13) with empty stand-in files."""
+"""Calibration file resolution with empty stand-in files: default names, flats by the raw
+then the normalised filter name, -bpm=auto, bare -nonlinearity/-crosstalk under -cals,
+and a missing calibration stopping the frame before any OTA is reduced."""
 
 import logging
 from pathlib import Path
@@ -47,6 +49,7 @@ def test_nothing_asked_for():
     assert resolve() == {
         "bias": None, "dark": None, "flat": None, "bpm": None, "nonlinearity": None,
         "wcs": str(REPO / "wcs" / "podi" / "podi_model.fits"), "crosstalk": "default",
+        "fringe": None, "fringevectors": None,
     }
 
 
@@ -223,3 +226,36 @@ def test_wcs_none_file_and_missing(tmp_path):
 def test_missing_mjd_is_an_error():
     with pytest.raises(ValueError, match="no usable MJD-OBS"):
         resolve(header={"FILTER": "odi_r"})
+
+
+# --- fringe templates and vectors ------------------------------------------------------
+
+def test_fringe_folder_gives_the_filter_template_and_its_vectors(tmp_path):
+    template = touch(tmp_path / "fringe__r odi.fits")
+    resolved = resolve(f"-fringe={tmp_path}")
+    assert (resolved["fringe"], resolved["fringevectors"]) == (str(template), str(tmp_path))
+    vectors = tmp_path / "vectors"
+    touch(vectors / "fringevectors__r odi__OTA33.reg")
+    assert resolve(f"-fringe={template}", f"-fringevectors={vectors}")["fringevectors"] == str(vectors)
+    # A vector file stands for its folder.
+    assert resolve(f"-fringe={template}",
+                   f"-fringevectors={vectors / 'fringevectors__r odi__OTA33.reg'}")["fringevectors"] == \
+        str(vectors)
+
+
+def test_filter_without_fringe_template_is_left_alone(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        resolved = resolve(f"-fringe={tmp_path}")
+    assert (resolved["fringe"], resolved["fringevectors"]) == (None, None)
+    assert "no template for filter r odi" in caplog.text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("-fringe={tmp}/none.fits",), "-fringe=.*none.fits: no such file or folder"),
+    (("-fringe={tmp}/fringe__r odi.fits", "-fringevectors={tmp}/novectors"),
+     "-fringevectors=.*novectors: no such file or folder"),
+])
+def test_missing_fringe_files_are_errors(tmp_path, flags, message):
+    touch(tmp_path / "fringe__r odi.fits")
+    with pytest.raises(CalibrationNotFound, match=message):
+        resolve(*(flag.format(tmp=tmp_path) for flag in flags))

@@ -1,4 +1,4 @@
-"""Command line of podi_collectcells: flags (facts 2.2), conventions (2.1), output names (1.8)."""
+"""Command line of podi_collectcells: flags and defaults, parsing conventions, output names."""
 
 import logging
 import math
@@ -17,7 +17,7 @@ def parse(*flags):
     return parse_commandline(["in", "out.fits", *flags])
 
 
-# --- defaults and every flag of facts 2.2 --------------------------------------------
+# --- defaults and every flag ----------------------------------------------------------
 
 def test_defaults():
     options = parse_commandline(["in"])
@@ -116,7 +116,7 @@ def test_later_flags_keep_one_another():
             options["skipota"]) == (True, False, False, [33])
 
 
-# --- conventions (facts 2.1) -------------------------------------------------------
+# --- parsing conventions (single-dash flags, =value, positionals) ------------------
 
 def test_flags_anywhere():
     options = parse_commandline(["-gain", "raw/o20131212T012345.1", "-verbose",
@@ -220,14 +220,19 @@ def test_overscan_method_is_checked():
 
 
 def test_several_unavailable_flags_are_named_together():
-    with pytest.raises(NotAvailableError, match="^-fringe, -pupilghost are not available yet$"):
-        parse("-fringe", "-gain", "-pupilghost=/pg")
+    with pytest.raises(NotAvailableError, match="^-persistency, -pupilghost are not available yet$"):
+        parse("-persistency", "-gain", "-pupilghost=/pg")
     assert issubclass(NotAvailableError, OptionError) and issubclass(OptionError, ValueError)
+
+
+def test_fringe_flags_take_paths():
+    options = parse("-fringe=/cals", "-fringevectors=/cals/vectors")
+    assert (options["fringe"], options["fringevectors"]) == ("/cals", "/cals/vectors")
 
 
 def test_other_option_errors_come_before_not_available():
     with pytest.raises(OptionError, match="-ncpus=0"):
-        parse("-fringe", "-ncpus=0")
+        parse("-pupilghost", "-ncpus=0")
 
 
 # --- values ------------------------------------------------------------------------
@@ -299,7 +304,7 @@ def test_bad_values(flag, message):
     assert "\n" not in str(info.value)
 
 
-# --- output file names (facts 1.8) ------------------------------------------------
+# --- output file names (templates, folders, .fits) ---------------------------------
 
 HEADER = {"FILTER": "odi_r", "OBJECT": "M 31 (field 2), 'A'/\"B\" \\x`y", "OBSID": "o20131212T012345.1",
           "EXPTIME": 300}

@@ -1,0 +1,279 @@
+"""Jobs keyed by OTA, run in worker processes that share image buffers.
+
+This module knows no astronomy. A *job* is a key (an int, e.g. the OTA number), a
+module-level function and its small picklable arguments; the function is called as
+``function(key, image, context, *args)`` where ``image`` is the key's float32 array in
+shared memory (:class:`SharedBuffers`) and ``context`` the pool's fixed context (the
+run's settings, handed to each worker once), and returns a small picklable result. Pixel arrays
+never travel through pickles: the master and the workers see the same buffer.
+
+:class:`WorkerPool` starts ``ncpus`` worker processes once (fork on Linux) and keeps
+them for every :meth:`WorkerPool.run` of the frame, so a second round of jobs on the
+same keys (a later phase) costs no new processes, and per-process caches (tables,
+masks) stay warm. A worker that raises fails its job only; a worker that dies (killed,
+crashed) fails its job and is replaced. A deadline kills every worker and raises
+:class:`JobsTimedOut`. ``serial=True`` runs the jobs in the calling process (for
+profiling); both paths report through the same bookkeeping (:class:`_Ledger`).
+
+Test hook: ``PODI_FAULT=<kind>:<key>`` (key printed with two digits, as ``33``) makes
+the job of that key ``crash`` (its process exits), ``hang`` or ``raise``, so that
+failure handling is tested by injected faults rather than by racing sleeps.
+"""
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("podi_collectcells")
+
+
+class JobsTimedOut(Exception):
+    """The deadline passed; every worker was killed. The message is one line."""
+
+
+class SharedBuffers:
+    """One file-backed native float32 array per key in shared memory (``/dev/shm``).
+
+    Parameters
+    ----------
+    keys : iterable of int
+    shape : tuple of int
+    """
+
+    def __init__(self, keys, shape):
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.directory = Path(tempfile.mkdtemp(prefix="podi_", dir=root))
+        self.shape = tuple(shape)
+        self.nbytes = int(np.prod(self.shape)) * 4
+        self.paths = {}
+        for key in keys:
+            path = self.directory / f"{key:02d}.f32"
+            with open(path, "wb") as handle:
+                handle.truncate(self.nbytes)
+            self.paths[key] = path
+
+    def array(self, key):
+        """The buffer of ``key`` as a writable native float32 array."""
+        return np.memmap(self.paths[key], dtype=np.float32, mode="r+", shape=self.shape)
+
+    def release(self, key):
+        """Free the memory of one buffer (its data are no longer needed)."""
+        self.paths[key].unlink(missing_ok=True)
+
+    def remove(self):
+        for path in self.paths.values():
+            path.unlink(missing_ok=True)
+        self.directory.rmdir()
+
+
+def _inject_fault(key):
+    fault = os.environ.get("PODI_FAULT", "")
+    kind, _, target = fault.partition(":")
+    if not fault or target != f"{key:02d}":
+        return
+    if kind == "crash":
+        os._exit(3)
+    if kind == "hang":
+        while True:
+            time.sleep(60)
+    if kind == "raise":
+        raise RuntimeError("injected fault")
+
+
+def _call(function, key, args, buffers, context):
+    """Run one job; return ``(status, payload, seconds)`` with status ``ok`` or ``error``."""
+    start = time.monotonic()
+    try:
+        _inject_fault(key)
+        image = buffers.array(key)
+        payload = function(key, image, context, *args)
+        del image
+        return "ok", payload, time.monotonic() - start
+    except Exception as error:  # one job's failure must not stop the others
+        message = " ".join(str(error).split()) or type(error).__name__
+        return "error", f"{type(error).__name__}: {message}", time.monotonic() - start
+
+
+def _worker_loop(connection, buffers, context):
+    """A worker process: run each job sent over ``connection``, send back its outcome."""
+    while True:
+        try:
+            task = connection.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        function, key, args = task
+        connection.send(_call(function, key, args, buffers, context))
+
+
+class _Worker:
+    """A worker process, its end of the pipe, and the key of the job it runs (or None)."""
+
+    def __init__(self, processes, buffers, context):
+        self.connection, child = processes.Pipe()
+        self.process = processes.Process(target=_worker_loop, daemon=True,
+                                         args=(child, buffers, context))
+        self.process.start()
+        child.close()
+        self.key = None
+
+    def stop(self):
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self.connection.close()
+
+
+class _Ledger:
+    """Bookkeeping of one round of jobs, shared by the serial and parallel paths."""
+
+    def __init__(self, keys, on_done, label, verb):
+        self.waiting = set(keys)
+        self.results, self.failures = {}, {}
+        self.on_done, self.label, self.verb = on_done, label, verb
+        self.total, self.started = len(self.waiting), time.monotonic()
+        self.bar = sys.stderr.isatty() and logger.getEffectiveLevel() > logging.DEBUG
+
+    def done(self, key, status, payload, seconds):
+        if key not in self.waiting:
+            return
+        self.waiting.discard(key)
+        if status == "ok":
+            self.results[key] = payload
+        else:
+            self.failures[key] = payload
+        self._report(key, status, payload, seconds)
+        self.on_done(key, payload if status == "ok" else None)
+
+    def _report(self, key, status, payload, seconds):
+        count = self.total - len(self.waiting)
+        elapsed = time.monotonic() - self.started
+        if status != "ok":
+            if self.bar:
+                sys.stderr.write("\n")
+            logger.error("%s %02d failed: %s", self.label, key, payload)
+        elif self.bar:
+            filled = int(30 * count / self.total)
+            sys.stderr.write(f"\r[{'#' * filled}{' ' * (30 - filled)}] {count}/{self.total} "
+                             f"{self.label}s {elapsed:.1f} s")
+            sys.stderr.flush()
+        else:
+            logger.info("%s %02d %s in %.2f s (%d/%d, %.1f s)", self.label, key, self.verb, seconds,
+                        count, self.total, elapsed)
+
+    def close(self):
+        if self.bar and self.total > len(self.waiting):
+            sys.stderr.write("\n")
+
+
+class WorkerPool:
+    """Worker processes that run rounds of keyed jobs on shared buffers.
+
+    Parameters
+    ----------
+    buffers : SharedBuffers
+    ncpus : int
+        Worker processes (at most one per key of the largest round is useful).
+    context : object
+        Passed to every job; inherited by the workers when they start.
+    deadline : float, optional
+        ``time.monotonic()`` limit for every round.
+    serial : bool
+        Run every job in this process instead (profiling, ``ncpus=1``).
+    label : str
+        Name of a key in log lines (``'OTA'``).
+    """
+
+    def __init__(self, buffers, ncpus, context=None, deadline=None, serial=False, label="OTA"):
+        self.buffers, self.context, self.deadline, self.label = buffers, context, deadline, label
+        self.ncpus = max(1, int(ncpus))
+        self.serial = serial
+        self.workers = []
+        if not serial:
+            self.processes = multiprocessing.get_context(
+                "fork" if sys.platform.startswith("linux") else "spawn")
+
+    def run(self, function, jobs, on_done=lambda key, result: None, verb="done"):
+        """Run ``function(key, image, context, *args)`` for every ``key: args`` of ``jobs``.
+
+        ``on_done(key, result)`` is called in this process as each job ends
+        (``result`` None when it failed), in the order they end. ``verb`` says in
+        the log what a job did (``'reduced'``).
+
+        Returns
+        -------
+        (dict, dict)
+            key -> result of the jobs that succeeded, key -> one-line error message
+            of those that failed.
+
+        Raises
+        ------
+        JobsTimedOut
+            The deadline passed; every worker has been killed.
+        """
+        ledger = _Ledger(jobs, on_done, self.label, verb)
+        try:
+            if self.serial:
+                for key, args in jobs.items():
+                    ledger.done(key, *_call(function, key, args, self.buffers, self.context))
+            else:
+                self._run_parallel(function, jobs, ledger)
+        finally:
+            ledger.close()
+        return ledger.results, ledger.failures
+
+    def _run_parallel(self, function, jobs, ledger):
+        pending = list(jobs.items())
+        while len(self.workers) < min(self.ncpus, len(jobs)):
+            self.workers.append(_Worker(self.processes, self.buffers, self.context))
+        while ledger.waiting:
+            for worker in self.workers:
+                if worker.key is None and pending:
+                    worker.key, args = pending.pop(0)
+                    worker.connection.send((function, worker.key, args))
+            busy = [worker for worker in self.workers if worker.key is not None]
+            multiprocessing.connection.wait([w.connection for w in busy] + [w.process.sentinel for w in busy],
+                                            timeout=0.2)
+            for worker in busy:
+                self._collect(worker, ledger)
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                self.close()
+                raise JobsTimedOut(f"{len(ledger.waiting)} {self.label}s unfinished")
+
+    def _collect(self, worker, ledger):
+        """Take a worker's outcome if it has one; a worker that died fails its job only."""
+        try:
+            if worker.connection.poll():
+                outcome = worker.connection.recv()
+                key, worker.key = worker.key, None
+                ledger.done(key, *outcome)
+                return
+        except (EOFError, OSError):
+            pass
+        if worker.process.is_alive():
+            return
+        key = worker.key
+        worker.stop()
+        self.workers.remove(worker)
+        ledger.done(key, "error", f"worker process died (exit code {worker.process.exitcode})", 0.0)
+        self.workers.append(_Worker(self.processes, self.buffers, self.context))
+
+    def close(self):
+        """Stop every worker (a running job is killed)."""
+        for worker in self.workers:
+            worker.stop()
+        self.workers.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
