@@ -37,8 +37,6 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-import podi_framecalib
-import podi_fringe
 import podi_ipprefcat
 import podi_otaphases
 from podi_calibfiles import CalibrationNotFound, resolve_calibrations
@@ -238,6 +236,7 @@ def qa_plots(results, tables, keywords, first_header, size, output, settings):
 
     ``tables`` and ``keywords`` are :func:`podi_framecalib.frame_calibrations`' results.
     """
+    import podi_framecalib
     start = time.monotonic()
     qa = settings.qa
     try:
@@ -303,6 +302,10 @@ def collectcells(options, argv=()):
     # A missing or unreadable catalog stops the frame before any work: a night loop
     # must not write frames that silently lack their calibration.
     refcat = podi_ipprefcat.open_refcat(options.get("refcat")) if settings.detect_sources else None
+    if settings.detect_sources:
+        # Loaded only when needed (sep and scipy cost 0.5 s of every start-up), and
+        # before the workers start, so that they share it.
+        import podi_framecalib
     if not options.get("bgmode"):
         logger.info("%s %s: reducing %s (%d OTAs, binning %d)", PIPELINE_NAME, PIPELINE_VERSION,
                     exposure.base, len(otas), binning)
@@ -356,6 +359,7 @@ def frame_corrections(calibrations, first_header, binning):
     """The frame-wide corrections asked for, in the order they are applied."""
     corrections = []
     if calibrations.get("fringe"):
+        import podi_fringe  # scipy.ndimage and scipy.spatial: only when asked for
         corrections.append(podi_fringe.FringeCorrection(
             calibrations["fringe"], calibrations["fringevectors"],
             str(first_header.get("FILTER", "unknown")).strip(), binning))

@@ -28,14 +28,11 @@ import podi_photcalib
 import podi_wcs
 from podi_definitions import normalised_filter_name
 from podi_mef import header_text_with_checksum
+from podi_otaphases import WCS_SPARE_CARDS
 from podi_sky import global_sky
 
 logger = logging.getLogger("podi_collectcells")
 
-
-#: Blank cards kept at the end of each OTA header written before the WCS fit: the
-#: fit's keywords take their place, so the header keeps its size in the file.
-WCS_SPARE_CARDS = 72
 
 #: Source flags that keep a detection out of the WCS fit.
 _WCS_BAD_FLAGS = (podi_findstars.FLAG_SATURATED | podi_findstars.FLAG_NEAR_UNDEFINED

@@ -38,6 +38,7 @@ from podi_bpm import _parse_regions, write_bpm_regions
 from podi_calibfiles import fringe_vectors_name
 from podi_definitions import is_guide_ota
 from podi_mef import ota_hdu_index
+from podi_reduceota import subtract_scaled
 from podi_stats import bin_image, robust_statistics
 
 logger = logging.getLogger("podi_collectcells")
@@ -616,8 +617,7 @@ class FringeCorrection:
         if isinstance(template, str):
             self._note(frame, f"{template}; fringes not subtracted")
             return
-        template *= np.float32(scale)
-        frame.image -= template
+        subtract_scaled(frame.image, template, scale)
         frame.record(self.name, f"subtracted {scale:.4g} x {self.template_file}")
 
     def _note(self, frame, reason):

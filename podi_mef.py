@@ -6,14 +6,17 @@ written under a temporary name and renamed, so that a crash or a kill never leav
 a partial file behind.
 """
 
+import functools
 import io
 import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 
-from podi_definitions import ota_extname, ota_from_fppos
+from podi_definitions import ota_from_fppos
 
 
 class CalibrationError(Exception):
@@ -89,6 +92,20 @@ def _encode_checksum(value):
         for j in range(4):
             characters[4 * j + i] = chars[j]
     return bytes(characters[15:] + characters[:15]).decode("ascii")
+
+
+def native_datasum(array):
+    """FITS ``DATASUM`` of a native-order float32 (or 32-bit) array as it will be written.
+
+    The big-endian words of the file, read as numbers, are the native words of the
+    array before its bytes are swapped, so the sum needs neither the swap nor a
+    converted copy.
+    """
+    words = np.ascontiguousarray(array).reshape(-1).view(np.uint32)
+    total = int(words.sum(dtype=np.uint64))
+    while total >> 32:
+        total = (total & 0xFFFFFFFF) + (total >> 32)
+    return total
 
 
 def header_text_with_checksum(header):
@@ -195,21 +212,38 @@ def _primary_bytes(header, size):
 
 def ota_hdu_index(hdulist, ota):
     """Index of the image extension of an OTA (by ``FPPOS``, else ``EXTNAME``), or None."""
-    name = ota_extname(ota)
-    for index, hdu in enumerate(hdulist):
-        header = hdu.header
-        if "FPPOS" in header:
-            try:
-                if ota_from_fppos(header["FPPOS"]) == ota:
-                    return index
-            except ValueError:
-                continue
-        elif str(header.get("EXTNAME", "")).strip().upper() == name:
-            return index
-    return None
+    return next((index for index, hdu in enumerate(hdulist) if ota in _ota_of(hdu.header)), None)
 
 
-def read_ota_image(filename, ota, size, copy=True):
+@functools.lru_cache(maxsize=8)
+def _open_calibration(filename, mtime_ns, size):
+    """An open calibration file (memory-mapped) and its OTA -> extension index.
+
+    Kept open for the life of the process: a worker reducing several OTAs parses
+    the headers of each master once. The file's time and size are part of the key,
+    so a master rewritten in place is opened anew.
+    """
+    hdulist = fits.open(filename, memmap=True)
+    by_ota = {}
+    for index in range(len(hdulist)):
+        for ota in _ota_of(hdulist[index].header):
+            by_ota.setdefault(ota, index)
+    return hdulist, by_ota
+
+
+def _ota_of(header):
+    """The OTA an extension header belongs to (by ``FPPOS``, else ``EXTNAME``), as a list."""
+    if "FPPOS" in header:
+        try:
+            return [ota_from_fppos(header["FPPOS"])]
+        except ValueError:
+            return []
+    name = str(header.get("EXTNAME", "")).strip().upper()
+    match = re.fullmatch(r"OTA(\d\d)\.SCI", name)
+    return [int(match.group(1))] if match else []
+
+
+def read_ota_image(filename, ota, size, out=None):
     """Read the image of one OTA from a pipeline-format file (a master calibration).
 
     Parameters
@@ -218,14 +252,15 @@ def read_ota_image(filename, ota, size, copy=True):
     ota : int
     size : int
         Expected side of the OTA array (4096 at binning 1, 2048 at binning 2).
-    copy : bool
-        False returns the read-only memory map of the file's data (big-endian),
-        which arithmetic reads without a converted copy.
+    out : numpy.ndarray, optional
+        Native float32 array of shape ``(size, size)`` to read into. Plain float32
+        data are then read straight from the file into it and put in native byte
+        order in place: no temporary array, no page faults on a reused ``out``.
 
     Returns
     -------
     (numpy.ndarray, astropy.io.fits.Header, astropy.io.fits.Header)
-        float32 image, the extension header and the primary header.
+        float32 image (``out`` if given), the extension header and the primary header.
 
     Raises
     ------
@@ -233,22 +268,50 @@ def read_ota_image(filename, ota, size, copy=True):
         File unreadable, OTA missing or of the wrong size (binning).
     """
     try:
-        with fits.open(filename, memmap=True) as hdulist:
-            index = ota_hdu_index(hdulist, ota)
-            if index is None:
-                raise CalibrationError(f"{filename}: has no extension for OTA {ota:02d}")
-            hdu = hdulist[index]
-            if hdu.data is None or hdu.data.shape != (size, size):
-                shape = None if hdu.data is None else hdu.data.shape
-                raise CalibrationError(f"{filename}: OTA {ota:02d} is {shape}, expected "
-                                       f"({size}, {size}): binning does not match the raw data")
-            data = np.array(hdu.data, dtype=np.float32) if copy else hdu.data
-            return data, hdu.header.copy(), hdulist[0].header.copy()
+        stat = os.stat(filename)
+        hdulist, by_ota = _open_calibration(str(filename), stat.st_mtime_ns, stat.st_size)
+        index = by_ota.get(ota)
+        if index is None:
+            raise CalibrationError(f"{filename}: has no extension for OTA {ota:02d}")
+        hdu = hdulist[index]
+        if hdu.data is None or hdu.data.shape != (size, size):
+            shape = None if hdu.data is None else hdu.data.shape
+            raise CalibrationError(f"{filename}: OTA {ota:02d} is {shape}, expected "
+                                   f"({size}, {size}): binning does not match the raw data")
+        if out is None:
+            out = np.array(hdu.data, dtype=np.float32)
+        elif _plain_float32(hdu.header):
+            _read_into(filename, hdu.fileinfo()["datLoc"], out)
+        else:
+            out[...] = hdu.data
+        return out, hdu.header.copy(), hdulist[0].header.copy()
     except CalibrationError:
         raise
     except Exception as error:
         raise CalibrationError(f"{filename}: not a readable FITS file "
                                f"({' '.join(str(error).split())})") from None
+
+
+def _plain_float32(header):
+    return (header.get("BITPIX") == -32 and float(header.get("BSCALE", 1)) == 1
+            and float(header.get("BZERO", 0)) == 0 and "ZIMAGE" not in header)
+
+
+def _read_into(filename, offset, out):
+    """Big-endian float32 bytes at ``offset`` of a file into ``out``, native order."""
+    view = memoryview(out.reshape(-1)).cast("B")
+    descriptor = os.open(filename, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            count = os.preadv(descriptor, [view[done:]], offset + done)
+            if count == 0:
+                raise OSError(f"{filename}: file ends inside the data")
+            done += count
+    finally:
+        os.close(descriptor)
+    if sys.byteorder == "little":
+        out.byteswap(inplace=True)
 
 
 def check_calibration_binning(filename, size):

@@ -41,12 +41,10 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
-from astropy.wcs import WCS
 
-import podi_findstars
-import podi_framecalib
 import podi_wcs
 from podi_definitions import cell_geometry, layout_for_mjd
+from podi_mef import header_text_with_checksum, native_datasum
 from podi_reduceota import reduce_ota
 from podi_sky import sky_samples, sky_statistics
 
@@ -64,6 +62,12 @@ INHERITED_KEYWORDS = (
 #: The raw IRAF WCS, replaced by the canned solution.
 _RAW_WCS_PREFIXES = ("WAT", "CTYPE", "CRVAL", "CRPIX", "CD1_", "CD2_", "PV1_", "PV2_", "CUNIT",
                      "RADECSYS")
+
+
+#: Blank cards kept at the end of each OTA header written before the WCS fit
+#: (``-fixwcs``, :mod:`podi_framecalib`): the fit's keywords take their place, so
+#: the header keeps its size in the file.
+WCS_SPARE_CARDS = 72
 
 
 @dataclass
@@ -164,6 +168,11 @@ def detect_sources(frame, settings):
     """Sources of the OTA (:mod:`podi_findstars`), for ``-fixwcs`` and ``-photcalib``."""
     if not settings.detect_sources:
         return
+    # Loaded only here: sep, scipy and astropy.wcs would add 0.5 s to every start-up.
+    # The master loads them before the workers start, so they share them.
+    from astropy.wcs import WCS
+
+    import podi_findstars
     size = frame.image.shape[0]
     frame.pixel_scale = podi_wcs.local_pixel_scale(WCS(frame.header), size / 2, size / 2)
     frame.sources = podi_findstars.find_sources(
@@ -220,6 +229,7 @@ def finish_phase(frame, settings, spare_cards=0):
     for stage in FINISH_STAGES:
         stage(frame, settings)
     image = frame.image
+    datasum = native_datasum(image)
     if sys.byteorder == "little":
         image.byteswap(inplace=True)
         image = image.view(image.dtype.newbyteorder(">"))
@@ -228,8 +238,10 @@ def finish_phase(frame, settings, spare_cards=0):
     hdu = fits.ImageHDU(data=image, header=frame.header)
     for _ in range(spare_cards):
         hdu.header.add_blank()
-    hdu.add_checksum()
-    return OTAResult(ota=frame.ota, header=hdu.header, header_text=hdu.header.tostring(),
+    hdu.header["CHECKSUM"] = ("0" * 16, "HDU checksum")
+    hdu.header["DATASUM"] = (str(datasum), "data unit checksum")
+    text = header_text_with_checksum(hdu.header)
+    return OTAResult(ota=frame.ota, header=fits.Header.fromstring(text), header_text=text,
                      inherited=frame.inherited, sky_samples=frame.sky_samples,
                      files_used=frame.files_used, steps=frame.steps, sources=frame.sources,
                      pixel_scale=frame.pixel_scale)
@@ -271,7 +283,7 @@ def apply_phase(frame, settings, parameters):
 
 def spare_cards(settings):
     """Blank header cards kept for the keywords of the WCS fit (with ``-fixwcs``)."""
-    return podi_framecalib.WCS_SPARE_CARDS if settings.detect_sources else 0
+    return WCS_SPARE_CARDS if settings.detect_sources else 0
 
 
 def collect_reduce_ota(ota, image, settings, filename):

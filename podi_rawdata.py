@@ -180,16 +180,23 @@ class RawOTA:
         """Header of cell (cx, cy)."""
         return self._cell_hdu[(cx, cy)].header
 
-    def cells(self):
+    def cells(self, out=None):
         """All raw cells as one float32 array ``[cy, cx, row, col]`` in ADU.
+
+        Parameters
+        ----------
+        out : numpy.ndarray, optional
+            float32 array of shape ``(8, 8, rows, cols)`` to fill.
 
         Returns
         -------
         numpy.ndarray
-            Shape ``(8, 8, rows, cols)``; a fresh array the caller may change in place.
+            Shape ``(8, 8, rows, cols)``: ``out``, or a fresh array; the caller may
+            change it in place.
         """
         rows, cols = self.cell_shape
-        out = np.empty((N_CELLS, N_CELLS, rows, cols), dtype=np.float32)
+        if out is None:
+            out = np.empty((N_CELLS, N_CELLS, rows, cols), dtype=np.float32)
         for (cx, cy), hdu in self._cell_hdu.items():
             try:
                 cell = out[cy, cx]

@@ -20,6 +20,8 @@ the job of that key ``crash`` (its process exits), ``hang`` or ``raise``, so tha
 failure handling is tested by injected faults rather than by racing sleeps.
 """
 
+import ctypes
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -101,8 +103,29 @@ def _call(function, key, args, buffers, context):
         return "error", f"{type(error).__name__}: {message}", time.monotonic() - start
 
 
+def _keep_freed_memory():
+    """Let this process reuse the memory of freed large arrays (glibc only).
+
+    By default glibc gives every array above 32 MB its own mapping and returns it
+    when freed, so each job pays its page faults anew (about 0.1 s of system time
+    for the 20,000 pages of one unbinned OTA's arrays). Served from the heap and
+    kept, the next job's arrays reuse them.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 31)
+
+
 def _worker_loop(connection, buffers, context):
     """A worker process: run each job sent over ``connection``, send back its outcome."""
+    _keep_freed_memory()
+    # The objects inherited from the master are never garbage: leaving them out of
+    # every collection saves the scans and the copy-on-write of their pages.
+    gc.freeze()
     while True:
         try:
             task = connection.recv()

@@ -1,6 +1,7 @@
 """Benchmark: podi_collectcells on a full 13-OTA pODI exposure (run by hand).
 
-    python benchmarks/bench_collectcells.py [--ncpus N] [--repeat N] [--fixwcs] [--photcalib] [--plots]
+    python benchmarks/bench_collectcells.py [--ncpus N] [--repeat N] [--fixwcs] [--photcalib]
+        [--plots] [--fringe]
 
 Simulates once (cached in benchmarks/cache/) a full unbinned exposure with every
 effect and ~5,000 detectable stars, perfect masters in electrons and the camera's
@@ -9,8 +10,12 @@ nonlinearity, gain and BPM. ``--fixwcs`` also times the run with source detectio
 and the astrometric solution, ``--photcalib`` with aperture photometry and the zero
 point as well (both without QA plots), ``--plots`` with the QA plots of the last of
 these, and prints what each adds and how many sources the catalog holds.
-Prints wall times, the time of each stage (from one OTA reduced in this process)
-and the peak memory of the whole run (master + workers).
+``--fringe`` times a second cached exposure (odi_i, fringes of 2 % of the sky, its
+perfect template and vectors) with and without ``-fringe``: what the measure and
+apply phases add. Every run reports wall time and CPU-seconds (user + system of
+all its processes); the floor (``floor.py``: read, overscan, place cells, write)
+is timed in the same run. Also printed: the time of each stage (from one OTA
+reduced in this process) and the peak memory of the whole run.
 """
 
 import argparse
@@ -32,6 +37,8 @@ from astropy.io import fits  # noqa: E402
 
 CACHE = HERE / "cache" / "density7500"
 SPEC = ExposureSpec(seed=42, mjd=56620.2, star_density=7500.0)
+FRINGE_CACHE = HERE / "cache" / "fringe"
+FRINGE_SPEC = ExposureSpec(seed=43, mjd=56620.25, filter="odi_i", fringe_amplitude=0.02)
 
 
 def prepare():
@@ -47,21 +54,43 @@ def prepare():
     return exposures[0], cals
 
 
+def prepare_fringe():
+    """The cached fringe exposure and its calibration folder (template and vectors)."""
+    import numpy as np
+
+    import podi_fringe
+    from podi_calibfiles import fringe_vectors_name
+    exposures = sorted(FRINGE_CACHE.glob("o*.1")) if FRINGE_CACHE.is_dir() else []
+    cals = FRINGE_CACHE / "cals"
+    if not exposures or not (cals / "fringevectors__odi_i__OTA33.reg").exists():
+        exposures = [simulate_exposure(FRINGE_SPEC, FRINGE_CACHE)]
+        template = write_true_calibrations(FRINGE_SPEC, cals, gain=True)["fringe"]
+        with fits.open(template) as hdus:
+            for hdu in hdus[1:]:
+                ota = int(hdu.name[3:5])
+                vectors = podi_fringe.choose_fringe_vectors(np.asarray(hdu.data), 1)
+                podi_fringe.write_fringe_vectors(cals / fringe_vectors_name("odi_i", ota), vectors)
+    return exposures[0], cals
+
+
 def stage_profile(exposure, cals, flags):
     """Time per reduction stage for one OTA, in this process."""
+    import numpy as np
+
     from podi_calibfiles import resolve_calibrations
-    from podi_collectcells import collect_reduce_ota
     from podi_commandline import parse_commandline
+    from podi_otaphases import collect_reduce_ota
     from podi_rawdata import find_exposure
+    from podi_settings import run_settings
     options = parse_commandline([str(exposure), "/dev/null"] + flags)
     ota_file = find_exposure(exposure).ota_files[33]
-    options["calibrations"] = resolve_calibrations(options, fits.getheader(ota_file), 1)
+    settings = run_settings(options, resolve_calibrations(options, fits.getheader(ota_file), 1))
     profiler = cProfile.Profile()
-    profiler.runcall(collect_reduce_ota, ota_file, options)
+    profiler.runcall(collect_reduce_ota, 33, np.empty((4096, 4096), np.float32), settings, ota_file)
     stats = pstats.Stats(profiler)
     names = ["correct_crosstalk", "overscan", "nonlinearity", "gain", "assemble", "bias", "dark",
-             "flat", "bad_pixels", "cells", "apply_wcs", "sky_samples", "find_sources",
-             "aperture_flux", "growth_curves"]
+             "flat", "bad_pixels", "cells", "canned_wcs", "sky_level", "find_sources",
+             "aperture_flux", "growth_curves", "finish_phase"]
     seconds = {name: row[3] for (filename, line, name), row in stats.stats.items()
                if name in names and "podi_" in filename}
     for name, value in seconds.items():
@@ -73,20 +102,32 @@ def stage_profile(exposure, cals, flags):
               f"per OTA, about {photometry * 13 / (os.cpu_count() or 1):.2f} s per frame")
 
 
-def timed_runs(exposure, output, flags, repeat):
-    """Best wall time (s) of ``repeat`` runs of podi_collectcells with ``flags``."""
-    times = []
+def cpu_seconds():
+    """User + system seconds of all finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_runs(output, command, label, repeat):
+    """Best wall time and CPU-seconds of ``repeat`` runs of ``command`` (lists of str)."""
+    best = (float("inf"), float("inf"))
     for run in range(repeat):
         # Replacing an existing 0.9 GB file costs its deletion, which a night loop
         # writing new names does not pay.
         output.unlink(missing_ok=True)
-        start = time.monotonic()
-        subprocess.run([sys.executable, "-m", "podi_collectcells", str(exposure), str(output)] + flags,
-                       check=True, cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        times.append(time.monotonic() - start)
-        print(f"  {' '.join(f for f in flags if not f.startswith('-cals') and '/' not in f)}: "
-              f"run {run + 1}: wall time {times[-1]:.2f} s")
-    return min(times)
+        start, cpu = time.monotonic(), cpu_seconds()
+        subprocess.run(command, check=True, cwd=HERE.parent, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
+        wall, cpu = time.monotonic() - start, cpu_seconds() - cpu
+        print(f"  {label}: run {run + 1}: wall {wall:.2f} s, CPU {cpu:.2f} s")
+        best = min(best, (wall, cpu))
+    return best
+
+
+def collectcells_runs(exposure, output, flags, repeat):
+    label = " ".join(f for f in flags if not f.startswith("-cals") and "/" not in f) or "reduction"
+    return timed_runs(output, [sys.executable, "-m", "podi_collectcells", str(exposure), str(output)]
+                      + flags, label, repeat)
 
 
 def main():
@@ -98,14 +139,27 @@ def main():
     parser.add_argument("--photcalib", action="store_true", help="also time -fixwcs -photcalib")
     parser.add_argument("--plots", action="store_true",
                         help="also time the QA plots (implies --fixwcs)")
+    parser.add_argument("--fringe", action="store_true", help="also time -fringe")
     args = parser.parse_args()
     exposure, cals = prepare()
     output = CACHE / "reduced.fits"
     flags = [f"-cals={cals}", "-gain", f"-nonlinearity={cals / 'nonlinearity'}", "-bpm=auto"]
     if args.ncpus:
         flags.append(f"-ncpus={args.ncpus}")
-    base = timed_runs(exposure, output, flags, args.repeat)
-    print(f"reduction: {base:.2f} s (best of {args.repeat})")
+    floor = timed_runs(output, [sys.executable, str(HERE / "floor.py"), str(exposure), str(output)]
+                       + ([f"--ncpus={args.ncpus}"] if args.ncpus else []), "floor", args.repeat)
+    base = collectcells_runs(exposure, output, flags, args.repeat)
+    print(f"floor (read, overscan, place cells, write): {floor[0]:.2f} s wall, {floor[1]:.2f} CPU-s")
+    print(f"reduction: {base[0]:.2f} s wall, {base[1]:.2f} CPU-s (best of {args.repeat})")
+    if args.fringe:
+        fringe_exposure, fringe_cals = prepare_fringe()
+        fringe_flags = [f"-cals={fringe_cals}", "-gain", "-bpm=auto"] + flags[4:]
+        plain = collectcells_runs(fringe_exposure, output, fringe_flags, args.repeat)
+        fringe = collectcells_runs(fringe_exposure, output, fringe_flags + [f"-fringe={fringe_cals}"],
+                                   args.repeat)
+        print(f"-fringe: {fringe[0]:.2f} s wall, {fringe[1]:.2f} CPU-s; adds {fringe[0] - plain[0]:.2f} s "
+              f"and {fringe[1] - plain[1]:.2f} CPU-s (FRNG_SCL {fits.getval(output, 'FRNG_SCL'):.1f}, "
+              f"true {fits.getval(next(FRINGE_CACHE.glob('*.truth.fits')), 'FRNGSCL'):.1f})")
     # Each step adds to the one before; the last turns the QA plots on.
     steps = []
     if args.fixwcs or args.photcalib or args.plots:
@@ -117,10 +171,11 @@ def main():
         steps.append([flag for flag in steps[-1] if flag != "-noqaplots"])
     previous = base
     for step in steps:
-        best = timed_runs(exposure, output, flags + step, args.repeat)
+        best = collectcells_runs(exposure, output, flags + step, args.repeat)
         sources = len(fits.getdata(output, "CAT.ODI"))
-        print(f"{' '.join(s for s in step if not s.startswith('-refcat'))}: {best:.2f} s, "
-              f"adds {best - previous:.2f} s for {sources} sources")
+        print(f"{' '.join(s for s in step if not s.startswith('-refcat'))}: {best[0]:.2f} s, "
+              f"{best[1]:.2f} CPU-s; adds {best[0] - previous[0]:.2f} s and "
+              f"{best[1] - previous[1]:.2f} CPU-s for {sources} sources")
         previous = best
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"peak resident memory of the largest process: {children:.0f} MB; shared OTA "

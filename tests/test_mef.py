@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from podi_mef import StreamedMEF, header_text_with_checksum
+from podi_mef import StreamedMEF, header_text_with_checksum, native_datasum
 
 
 def _image_parts(tmp_path, value, name):
@@ -73,3 +73,12 @@ def test_patched_header_keeps_its_size_and_checksums(tmp_path):
         assert hdus[1].header["CRVAL1"] == 150.25
         assert hdus[1].verify_checksum() == 1 and hdus[1].verify_datasum() == 1
         assert (hdus[1].data == 3.0).all()
+
+
+def test_native_datasum_is_the_datasum_of_the_written_data():
+    rng = np.random.default_rng(3)
+    image = rng.normal(1000, 300, (64, 48)).astype(np.float32)
+    image[5, 7] = np.nan
+    hdu = fits.ImageHDU(image)
+    hdu.add_checksum()
+    assert native_datasum(image) == int(hdu.header["DATASUM"])
