@@ -44,7 +44,7 @@ from podi_commandline import (HelpRequested, OptionError, expand_output_name,
                               parse_commandline, usage)
 from podi_definitions import PIPELINE_NAME, PIPELINE_VERSION, cell_geometry, layout_for_mjd
 from podi_mef import CalibrationError, StreamedMEF, check_calibration_binning
-from podi_rawdata import RawDataError, find_exposure, open_raw_ota
+from podi_rawdata import RawDataError, find_exposure, read_exposure_header
 from podi_settings import run_settings
 from podi_sky import global_sky
 from podi_workers import JobsTimedOut, SharedBuffers, WorkerPool
@@ -258,8 +258,7 @@ def exposure_header(exposure):
     problems = []
     for ota in sorted(exposure.ota_files):
         try:
-            with open_raw_ota(exposure.ota_files[ota]) as raw:
-                return raw.header.copy(), raw.binning
+            return read_exposure_header(exposure.ota_files[ota])
         except RawDataError as error:
             problems.append(error)
     raise ReductionError(f"{exposure.base}: no readable OTA file (first problem: {problems[0]})")

@@ -46,17 +46,17 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-import podi_fringe
+import podi_fringetemplate
 from podi_badpixels import derive_bpm_files
 from podi_calibfiles import fringe_vectors_name, master_name
 from podi_crosstalk import crosstalk_file_for_mjd
-from podi_definitions import (PIPELINE_NAME, binning_from_header, cell_geometry, cell_to_ota,
+from podi_definitions import (PIPELINE_NAME, cell_geometry, cell_to_ota,
                               fppos_for_ota, is_guide_ota, layout_for_mjd, ota_extname,
                               otas_to_normalize_flat)
 from podi_imcombine import COMBINE_METHODS, clipped_combine
 from podi_mef import CalibrationError, write_atomic
 from podi_nonlinearity import nonlinearity_file_for_mjd
-from podi_rawdata import RawDataError, find_exposure
+from podi_rawdata import RawDataError, find_exposure, read_exposure_header
 from podi_reduceota import ReductionSettings, cell_gains, reduce_ota
 from podi_stats import bin_image, robust_statistics
 
@@ -96,12 +96,7 @@ def classify(path):
     """Describe one exposure from the primary header of its first OTA file."""
     exposure = find_exposure(path)
     first = exposure.ota_files[min(exposure.ota_files)]
-    try:
-        header = fits.getheader(first, 0)
-    except Exception as error:
-        raise RawDataError(first, f"not a readable FITS file ({' '.join(str(error).split())})") from None
-    binning = binning_from_header(header) if "CCDBIN1" in header or "CCDSUM" in header \
-        else binning_from_header(fits.getheader(first, 1))
+    header, binning = read_exposure_header(first)
     return RawExposure(exposure.base, str(header.get("OBSTYPE", "")).strip().upper(), binning,
                        str(header.get("FILTER", "unknown")).strip(), float(header.get("EXPTIME", 0.0)),
                        float(header.get("MJD-OBS", 0.0)), exposure.ota_files)
@@ -302,8 +297,8 @@ def fringe_ota(ota, binning, files, settings, tmpdir):
 
     Each frame is reduced with ``settings`` (bias, dark, flat), its sky taken as
     the robust median of the OTA, and ``(image - sky) / sky`` with sources masked
-    (:func:`podi_fringe.relative_fringes`); the frames are median-combined and the
-    vectors chosen on the result (:func:`podi_fringe.choose_fringe_vectors`).
+    (:func:`podi_fringetemplate.relative_fringes`); the frames are median-combined and the
+    vectors chosen on the result (:func:`podi_fringetemplate.choose_fringe_vectors`).
 
     Returns
     -------
@@ -324,13 +319,13 @@ def fringe_ota(ota, binning, files, settings, tmpdir):
         if not sky > 0:
             logger.warning("skipped %s: sky level %.3g is not positive", filename, sky)
             continue
-        relative.append(podi_fringe.relative_fringes(frame.image, sky, binning=frame.binning))
+        relative.append(podi_fringetemplate.relative_fringes(frame.image, sky, binning=frame.binning))
         del frame
     if not relative:
         return {"ota": ota, "path": None, "nframes": 0}
-    template, nframes = podi_fringe.combine_fringe_frames(relative), len(relative)
+    template, nframes = podi_fringetemplate.combine_fringe_frames(relative), len(relative)
     del relative
-    vectors = podi_fringe.choose_fringe_vectors(template, binning)
+    vectors = podi_fringetemplate.choose_fringe_vectors(template, binning)
     path = Path(tmpdir) / f"fringe{ota:02d}.fits"
     fits.PrimaryHDU(template).writeto(path)
     return {"ota": ota, "path": path, "nframes": nframes, "vectors": vectors}
@@ -373,7 +368,7 @@ def make_fringe_template(exposures, outdir, settings, ncpus=None):
             hdus.append(master_extension(ota, fits.getdata(results[ota]["path"]),
                                          NCOMBINE=results[ota]["nframes"],
                                          NVECTORS=len(results[ota]["vectors"])))
-            podi_fringe.write_fringe_vectors(Path(outdir) / fringe_vectors_name(filter_name, ota),
+            podi_fringetemplate.write_fringe_vectors(Path(outdir) / fringe_vectors_name(filter_name, ota),
                                              results[ota]["vectors"])
         write_atomic(fits.HDUList(hdus), filename)
     return filename

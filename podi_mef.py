@@ -210,11 +210,6 @@ def _primary_bytes(header, size):
     return buffer.getvalue()
 
 
-def ota_hdu_index(hdulist, ota):
-    """Index of the image extension of an OTA (by ``FPPOS``, else ``EXTNAME``), or None."""
-    return next((index for index, hdu in enumerate(hdulist) if ota in _ota_of(hdu.header)), None)
-
-
 @functools.lru_cache(maxsize=8)
 def _open_calibration(filename, mtime_ns, size):
     """An open calibration file (memory-mapped) and its OTA -> extension index.
@@ -252,15 +247,17 @@ def read_ota_image(filename, ota, size, out=None):
     ota : int
     size : int
         Expected side of the OTA array (4096 at binning 1, 2048 at binning 2).
-    out : numpy.ndarray, optional
+    out : numpy.ndarray or 'map', optional
         Native float32 array of shape ``(size, size)`` to read into. Plain float32
         data are then read straight from the file into it and put in native byte
         order in place: no temporary array, no page faults on a reused ``out``.
+        ``'map'`` returns the read-only memory map of the file's data instead, for
+        a reader that needs only a few parts of the image.
 
     Returns
     -------
     (numpy.ndarray, astropy.io.fits.Header, astropy.io.fits.Header)
-        float32 image (``out`` if given), the extension header and the primary header.
+        Image (``out`` if given), the extension header and the primary header.
 
     Raises
     ------
@@ -278,7 +275,9 @@ def read_ota_image(filename, ota, size, out=None):
             shape = None if hdu.data is None else hdu.data.shape
             raise CalibrationError(f"{filename}: OTA {ota:02d} is {shape}, expected "
                                    f"({size}, {size}): binning does not match the raw data")
-        if out is None:
+        if isinstance(out, str):
+            out = hdu.data
+        elif out is None:
             out = np.array(hdu.data, dtype=np.float32)
         elif _plain_float32(hdu.header):
             _read_into(filename, hdu.fileinfo()["datLoc"], out)

@@ -226,3 +226,24 @@ def _one_line(error):
 def open_raw_ota(filename):
     """Open and check one raw OTA file (see :class:`RawOTA`)."""
     return RawOTA(filename)
+
+
+def read_exposure_header(filename):
+    """Primary header and binning of a raw OTA file, reading only its first two headers.
+
+    The binning is the primary's (``CCDBIN1``/``CCDSUM``), else the first cell's.
+    The file's cells are not checked (:func:`open_raw_ota` does that).
+
+    Raises
+    ------
+    RawDataError
+        The file is not readable as FITS.
+    """
+    try:
+        with fits.open(filename, lazy_load_hdus=True) as hdulist:
+            header = hdulist[0].header.copy()
+            binning = binning_from_header(header if "CCDBIN1" in header or "CCDSUM" in header
+                                          else hdulist[1].header)
+    except Exception as error:
+        raise RawDataError(Path(filename), f"not a readable FITS file ({_one_line(error)})") from None
+    return header, binning

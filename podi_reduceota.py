@@ -80,8 +80,8 @@ class OTAFrame:
         Header of the output extension, filled by the stages.
     cells : numpy.ndarray or None
         Raw cells ``[cy, cx, row, col]`` until assembly.
-    cell_headers : dict
-        ``(cx, cy)`` -> raw cell header.
+    header_gains : numpy.ndarray
+        ``GAIN`` of every raw cell header, ``[cy, cx]`` (e-/ADU).
     image : numpy.ndarray or None
         The OTA array after assembly.
     files_used : dict
@@ -108,7 +108,7 @@ class OTAFrame:
     primary: fits.Header
     header: fits.Header
     cells: np.ndarray = None
-    cell_headers: dict = field(default_factory=dict)
+    header_gains: np.ndarray = None
     image: np.ndarray = None
     files_used: dict = field(default_factory=dict)
     steps: dict = field(default_factory=dict)
@@ -209,11 +209,8 @@ def gain(frame, settings):
 
 
 def cell_gains(frame):
-    """Header ``GAIN`` of every cell, ``[cy, cx]`` (e-/ADU)."""
-    gains = np.ones((N_CELLS, N_CELLS))
-    for (cx, cy), header in frame.cell_headers.items():
-        gains[cy, cx] = float(header.get("GAIN", 1.0))
-    return gains
+    """Header ``GAIN`` of every cell, ``[cy, cx]`` (e-/ADU): a copy the caller may change."""
+    return frame.header_gains.copy()
 
 
 def _science_shape(binning):
@@ -243,7 +240,7 @@ def assemble(frame, settings):
 
 def _master(frame, filename, step):
     size = cell_geometry(frame.binning).ota_size
-    data, header, primary = read_ota_image(filename, frame.ota, size, out=_master_buffer(size))
+    data, header, primary = read_ota_image(filename, frame.ota, size, out=calibration_buffer(size))
     frame.header[f"CC-{step.upper()[:5]}"] = (Path(filename).name, f"master {step}")
     return data, header, primary
 
@@ -271,15 +268,20 @@ def dark(frame, settings):
     frame.record("dark", f"{settings.dark} x {scale:.4f}", settings.dark)
 
 
-def subtract_scaled(image, data, scale, rows=256):
+def subtract_scaled(image, data, scale, rows=256, undefined_as_zero=False):
     """``image -= scale * data`` in place, a block of rows at a time.
 
     The product of a whole OTA would be a fresh 64 MB temporary, whose pages the
     kernel must zero each time; a block of rows stays in reused heap memory.
+    ``data`` may be a memory map of a file in any byte order. With
+    ``undefined_as_zero``, NaN in ``data`` subtracts nothing.
     """
     factor = np.float32(scale)
     for start in range(0, image.shape[0], rows):
-        image[start:start + rows] -= data[start:start + rows] * factor
+        block = data[start:start + rows] * factor
+        if undefined_as_zero:
+            np.nan_to_num(block, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        image[start:start + rows] -= block
 
 
 def flat(frame, settings):
@@ -319,7 +321,14 @@ CELL_STAGES = [correct_crosstalk, overscan, nonlinearity, gain, assemble]
 OTA_STAGES = [bias, dark, flat, bad_pixels]
 
 
-def _output_header(raw):
+def _header_gains(raw):
+    gains = np.ones((N_CELLS, N_CELLS))
+    for cx, cy in all_cells():
+        gains[cy, cx] = float(raw.cell_header(cx, cy).get("GAIN", 1.0))
+    return gains
+
+
+def _output_header(raw, gains):
     header = fits.Header()
     for card in raw.header.cards:
         if card.keyword not in _STRUCTURE_CARDS and card.keyword not in ("", "COMMENT"):
@@ -327,8 +336,7 @@ def _output_header(raw):
     header["EXTNAME"] = ota_extname(raw.ota)
     header["OTA"] = (raw.ota, "OTA position")
     for cx, cy in all_cells():
-        header[f"GAIN_C{cx}{cy}"] = (float(raw.cell_header(cx, cy).get("GAIN", 1.0)),
-                                     f"gain of cell {cx},{cy} (e-/ADU)")
+        header[f"GAIN_C{cx}{cy}"] = (float(gains[cy, cx]), f"gain of cell {cx},{cy} (e-/ADU)")
     return header
 
 
@@ -344,8 +352,12 @@ def _nonlinearity_table(filename):
 
 
 @functools.lru_cache(maxsize=1)
-def _master_buffer(size):
-    """The array this process reads each master's OTA into (one stage at a time)."""
+def calibration_buffer(size):
+    """The float32 OTA array this process reads calibration images into.
+
+    One stage at a time uses it (bias, dark, flat, then a frame-wide correction's
+    template): reused, its pages are faulted in once per process, not per OTA.
+    """
     return np.empty((size, size), np.float32)
 
 
@@ -376,9 +388,9 @@ def reduce_ota(filename, settings, stop_after=None, out=None):
     OTAFrame
     """
     with open_raw_ota(filename) as raw:
-        frame = OTAFrame(Path(filename), raw.ota, raw.binning, raw.header.copy(), _output_header(raw),
-                         cells=raw.cells(out=_cell_buffer(raw.cell_shape)),
-                         cell_headers={cell: raw.cell_header(*cell).copy() for cell in all_cells()},
+        gains = _header_gains(raw)
+        frame = OTAFrame(Path(filename), raw.ota, raw.binning, raw.header.copy(), _output_header(raw, gains),
+                         cells=raw.cells(out=_cell_buffer(raw.cell_shape)), header_gains=gains,
                          image=out)
     frame.files_used["raw"] = str(Path(filename).resolve())
     gains = cell_gains(frame)

@@ -58,7 +58,7 @@ def prepare_fringe():
     """The cached fringe exposure and its calibration folder (template and vectors)."""
     import numpy as np
 
-    import podi_fringe
+    import podi_fringetemplate
     from podi_calibfiles import fringe_vectors_name
     exposures = sorted(FRINGE_CACHE.glob("o*.1")) if FRINGE_CACHE.is_dir() else []
     cals = FRINGE_CACHE / "cals"
@@ -68,8 +68,8 @@ def prepare_fringe():
         with fits.open(template) as hdus:
             for hdu in hdus[1:]:
                 ota = int(hdu.name[3:5])
-                vectors = podi_fringe.choose_fringe_vectors(np.asarray(hdu.data), 1)
-                podi_fringe.write_fringe_vectors(cals / fringe_vectors_name("odi_i", ota), vectors)
+                vectors = podi_fringetemplate.choose_fringe_vectors(np.asarray(hdu.data), 1)
+                podi_fringetemplate.write_fringe_vectors(cals / fringe_vectors_name("odi_i", ota), vectors)
     return exposures[0], cals
 
 

@@ -1,4 +1,4 @@
-"""Fringe vectors, fringe scale and fringe templates (podi_fringe) against known truth.
+"""Fringe vectors, scale and templates (podi_fringe, podi_fringetemplate) against known truth.
 
 The synthetic fringe pattern P is a sum of cosines with 160-280 unbinned pixel
 periods (the real vectors, half a period long, have a median length of 118 px)
@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from podi_fringe import (BOX_SIZE, FringeError, choose_fringe_vectors, clipped_scale,
-                         combine_fringe_frames, measure_vectors, read_fringe_vectors,
-                         relative_fringes, write_fringe_vectors)
+from podi_fringe import BOX_SIZE, FringeError, clipped_scale, measure_vectors, read_fringe_vectors
+from podi_fringetemplate import (choose_fringe_vectors, combine_fringe_frames, relative_fringes,
+                                 write_fringe_vectors)
 from podi_stats import bin_image
 
 BINNING = 2

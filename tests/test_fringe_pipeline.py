@@ -14,6 +14,7 @@ import pytest
 from astropy.io import fits
 
 import podi_fringe
+import podi_fringetemplate
 from conftest import TEST_OTAS, run_collectcells, small_spec
 from podi_calibfiles import fringe_vectors_name
 from podi_definitions import PODI
@@ -30,13 +31,13 @@ def truth_of(exposure):
 @pytest.fixture(scope="session")
 def fringe_cals(tmp_path_factory):
     """Perfect masters and the true template P of the test camera in odi_i, with vectors
-    chosen on P by podi_fringe (where they are does not depend on the scale)."""
+    chosen on P by podi_fringetemplate (where they are does not depend on the scale)."""
     directory = tmp_path_factory.mktemp("fringecals")
     written = write_true_calibrations(FRINGE_SPEC, directory)
     with fits.open(written["fringe"]) as hdus:
         for ota in TEST_OTAS:
-            vectors = podi_fringe.choose_fringe_vectors(hdus[f"OTA{ota}.SCI"].data, FRINGE_SPEC.binning)
-            podi_fringe.write_fringe_vectors(directory / fringe_vectors_name("odi_i", ota), vectors)
+            vectors = podi_fringetemplate.choose_fringe_vectors(hdus[f"OTA{ota}.SCI"].data, FRINGE_SPEC.binning)
+            podi_fringetemplate.write_fringe_vectors(directory / fringe_vectors_name("odi_i", ota), vectors)
     return directory
 
 
