@@ -43,7 +43,7 @@ from podi_calibfiles import CalibrationNotFound, resolve_calibrations
 from podi_commandline import (HelpRequested, OptionError, expand_output_name,
                               parse_commandline, usage)
 from podi_definitions import PIPELINE_NAME, PIPELINE_VERSION, cell_geometry, layout_for_mjd
-from podi_mef import CalibrationError, StreamedMEF, check_calibration_binning
+from podi_mef import CalibrationError, StreamedMEF, add_keywords, check_calibration_binning
 from podi_rawdata import RawDataError, find_exposure, read_exposure_header
 from podi_settings import run_settings
 from podi_sky import global_sky
@@ -82,11 +82,10 @@ def _versions():
     return versions
 
 
-def primary_header(first_header, results, failures, settings, extra_keywords, argv):
+def primary_header(first_header, results, failures, settings, argv):
     """Primary header: inherited exposure keywords, pipeline and summary keywords.
 
-    ``results`` are the :class:`podi_otaphases.OTAResult` of the reduced OTAs;
-    ``extra_keywords`` (``-addfitskey``) are added as they are.
+    ``results`` are the :class:`podi_otaphases.OTAResult` of the reduced OTAs.
     """
     primary = fits.Header()
     if not settings.prep4sex:
@@ -121,8 +120,6 @@ def primary_header(first_header, results, failures, settings, extra_keywords, ar
     primary["NFAILED"] = (len(failures), "OTAs that failed and are missing")
     if failures:
         primary["FAILOTAS"] = (",".join(f"{ota:02d}" for ota in sorted(failures)), "failed OTAs")
-    for key, value in extra_keywords.items():
-        primary[key] = (value, "user-added keyword")
     primary.add_history("command: " + " ".join(argv)[:1000])
     primary.add_history("versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()))
     for ota, message in sorted(failures.items()):
@@ -329,15 +326,17 @@ def collectcells(options, argv=()):
         if settings.detect_sources:
             found, tables = podi_framecalib.frame_calibrations(results, refcat, first_header, settings,
                                                                size)
-            keywords.update(found)
+            add_keywords(keywords, found)
             for ota, offset in sink.offsets.items():
                 stream.patch_header(offset, results[ota].header_text)
         for table in tables + [association_table(results, settings.corrections)]:
             stream.add_table(table)
-        primary = primary_header(first_header, results, failures, settings,
-                                 options.get("addfitskey") or {}, argv)
-        for key, card in keywords.items():
-            primary[key] = card
+        primary = primary_header(first_header, results, failures, settings, argv)
+        add_keywords(primary, keywords)
+        for key, value in (options.get("addfitskey") or {}).items():
+            if key in primary:
+                logger.warning("-addfitskey=%s replaces the pipeline's %s", key, key)
+            primary[key] = (value, "user-added keyword")
         stream.finish(primary)
     except JobsTimedOut as error:
         stream.abort()

@@ -27,7 +27,7 @@ import podi_fixwcs
 import podi_photcalib
 import podi_wcs
 from podi_definitions import normalised_filter_name
-from podi_mef import header_text_with_checksum
+from podi_mef import add_keywords, header_text_with_checksum
 from podi_otaphases import WCS_SPARE_CARDS
 from podi_sky import global_sky
 
@@ -83,7 +83,7 @@ def astrometric_calibration(results, reference, settings, size):
             result.header[key] = card
         result.header_text = header_text_with_checksum(result.header)
     keywords = dict(solution.keywords)
-    keywords.update(seeing_keywords(results))
+    add_keywords(keywords, seeing_keywords(results))
     keywords["ASTRMCAT"] = podi_photcalib.text_keyword(settings.refcat_name,
                                                       "astrometric reference catalog", keep_end=True)
     tables = [fits.BinTableHDU(solution.reference, name="CAT.WCSREF"),
@@ -140,7 +140,7 @@ def fits_unit(text):
     return text
 
 
-#: Primary keywords copied into the CAT.PHOTCALIB header (facts 1.6).
+#: Primary keywords copied into the CAT.PHOTCALIB header, as the original's table had them.
 PHOTCALIB_HEADER_KEYWORDS = ("AIRMASS", "FILTER", "FILTERID", "MJD-OBS", "OBSID", "EXPTIME",
                              "EXPMEAS", "TELFOCUS", "ROTSTART", "ROTEND", "ADCMODE")
 
@@ -149,7 +149,7 @@ def photometric_calibration(catalog, reference, results, first_header, settings,
     """``-photcalib``: zero point, aperture correction, sky brightness and depth.
 
     Calibrates the ``MAG_Dnn`` columns of ``catalog`` (``CAT.ODI``) in place where a
-    zero point exists: instrumental + ``PHOTZP_X`` + ``APCORR`` (DECISIONS 12), i.e.
+    zero point exists: instrumental + ``PHOTZP_X`` + ``APCORR`` (docs/conventions.md), i.e.
     the calibrated magnitude of the light inside each aperture.
 
     ``seeing`` (arcsec) and ``psf`` (:func:`frame_psf`, may be None) give the aperture
@@ -184,13 +184,12 @@ def photometric_calibration(catalog, reference, results, first_header, settings,
     if not result.success:
         logger.warning("-photcalib: %s; no zero point (PHOTCAL = F)", result.message)
         return keywords, [table]
-    seeing = keywords.get("SEEING", (seeing,))[0]
-    keywords.update(podi_photcalib.aperture_correction(psf, seeing))
+    add_keywords(keywords, podi_photcalib.aperture_correction(psf, seeing))
     zeropoint = keywords["PHOTZP_X"][0] + keywords["APCORR"][0]
     sky, noise = global_sky(results, first_header)
     scale = float(np.median([r.pixel_scale for r in results.values()]))
     beta = psf.beta if psf is not None else podi_findstars.DEFAULT_MOFFAT_BETA
-    keywords.update(podi_photcalib.sky_and_depth(zeropoint, sky, noise, scale, seeing, beta))
+    add_keywords(keywords, podi_photcalib.sky_and_depth(zeropoint, sky, noise, scale, seeing, beta))
     for tag in podi_photcalib.APERTURES:
         catalog[f"MAG_D{tag}"] += np.float32(zeropoint)
     catalog.meta["MAGZP"] = zeropoint
@@ -253,17 +252,17 @@ def frame_calibrations(results, refcat, first_header, settings, size):
     psf, psf_keywords = frame_psf(results)
     reference = reference_stars(refcat, first_header)
     calibrated, keywords, tables = astrometric_calibration(results, reference, settings, size)
-    keywords.update(psf_keywords)
+    add_keywords(keywords, psf_keywords)
     catalog = source_catalog(results)
     photcalib_tables = []
     if settings.photcalib and not calibrated:
         logger.warning("-photcalib: no zero point without a calibrated WCS (PHOTCAL = F)")
-        keywords.update(PHOTCAL=(False, "photometric calibration done"),
-                        PHOTMSG=("WCS not calibrated", "why there is no zero point"))
+        add_keywords(keywords, {"PHOTCAL": (False, "photometric calibration done"),
+                                "PHOTMSG": ("WCS not calibrated", "why there is no zero point")})
     elif settings.photcalib:
         photometry, photcalib_tables = photometric_calibration(
             catalog, reference, results, first_header, settings, keywords["SEEING"][0], psf)
-        keywords.update(photometry)
+        add_keywords(keywords, photometry)
     # Made after the photometry, which calibrates the catalog's magnitudes.
     return keywords, tables + [catalog_hdu(catalog)] + photcalib_tables
 

@@ -94,6 +94,19 @@ def _encode_checksum(value):
     return bytes(characters[15:] + characters[:15]).decode("ascii")
 
 
+def add_keywords(target, keywords):
+    """Add ``keywords`` (key -> card) to a header or keyword dictionary, each only once.
+
+    Every keyword has one owner: a step that writes a keyword another step already
+    wrote is a programming error, which this makes loud instead of letting the
+    later one silently win.
+    """
+    for key, card in keywords.items():
+        if key in target:
+            raise ValueError(f"keyword {key} written twice")
+        target[key] = card
+
+
 def native_datasum(array):
     """FITS ``DATASUM`` of a native-order float32 (or 32-bit) array as it will be written.
 

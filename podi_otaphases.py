@@ -44,7 +44,7 @@ from astropy.table import Table
 
 import podi_wcs
 from podi_definitions import cell_geometry, layout_for_mjd
-from podi_mef import header_text_with_checksum, native_datasum
+from podi_mef import add_keywords, header_text_with_checksum, native_datasum
 from podi_reduceota import reduce_ota
 from podi_sky import sky_samples, sky_statistics
 
@@ -269,7 +269,7 @@ def combine_measurements(measurements, settings):
     for correction in settings.corrections:
         parameters[correction.name], found = correction.combine(
             {ota: measured[correction.name] for ota, measured in measurements.items()})
-        keywords.update(found)
+        add_keywords(keywords, found)
     return parameters, keywords
 
 

@@ -32,7 +32,8 @@ Success: ``PHOTCAL = T``, ``PHOTMCAT``, ``PHOTBAND``, ``PHOTZP``, ``PHOTZPER``,
 ``PHOTZPSD``, ``PHOTZPSP``/``PHOTZPSM`` (84th/16th percentiles), ``PHOTZPXS`` (scatter
 beyond the errors), ``PHOTZP_N`` (kept), ``PHOTZPN0`` (matched), ``PHOTZP_X``, the
 aliases ``MAGZERO``/``MAGZSIG``/``MAGZERR``, ``MAGZREF`` (g r i z), ``MAGZ_AM1`` (with
-an airmass), ``MAGZ_CT``, ``MAGZ_COL``, ``SEEING``/``SEEING_N`` (of the kept stars)
+an airmass), ``MAGZ_CT``, ``MAGZ_COL``, ``SEEINGZP``/``SEEZP_N`` (of the kept stars; ``SEEING`` of
+all stars is :mod:`podi_framecalib`'s)
 and, with a radial centre, ``RADZPFIT``, ``RADZP_P0/P1/E0/E1``.
 Failure: ``PHOTCAL = F``, ``PHOTMSG`` (why), ``PHOTMCAT``, ``PHOTZPN0``; no zero point.
 
@@ -639,8 +640,8 @@ def calibrate(sources, reference, filter_name, exptime, airmass=None, catalog_na
                                         airmass, colour_term))
     seeing, n_seeing = podi_findstars.clipped_seeing(table["ODI_FWHM"][keep])
     if n_seeing:
-        keywords["SEEING"] = (round(seeing, 4), "[arcsec] clipped median FWHM of ZP stars")
-        keywords["SEEING_N"] = (n_seeing, "stars behind SEEING")
+        keywords["SEEINGZP"] = (round(seeing, 4), "[arcsec] clipped median FWHM of ZP stars")
+        keywords["SEEZP_N"] = (n_seeing, "stars behind SEEINGZP")
     if radial_centre is not None:
         # Weighted by the full per-star uncertainty, as PHOTZP is.
         keywords.update(fit_radial_zeropoint(

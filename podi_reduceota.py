@@ -186,7 +186,7 @@ def gain(frame, settings):
     """Multiply each cell by its gain (output in electrons).
 
     The gain is the cell header's ``GAIN``, or with a nonlinearity table its
-    ``RELATIVE_GAIN`` times the OTA's mean header gain (DECISIONS 8).
+    ``RELATIVE_GAIN`` times the OTA's mean header gain: the table's gains are relative.
     """
     if not settings.gain:
         return
@@ -255,7 +255,7 @@ def bias(frame, settings):
 
 
 def dark(frame, settings):
-    """Subtract the master dark scaled by the ratio of exposure times (DECISIONS 10)."""
+    """Subtract the master dark scaled by the ratio of exposure times (science / dark)."""
     if settings.dark is None:
         return
     data, _, primary = _master(frame, settings.dark, "dark")

@@ -5,7 +5,7 @@ exposure, one 16-bit FITS file per OTA with 64 cell extensions) and, beside the
 exposure directory, a truth record ``<exposure>.truth.fits`` and, for object
 frames, the field's reference catalog ``<exposure>.refcat.fits``.
 
-The forward model is the exact reverse of the reduction (DECISIONS 4)::
+The forward model is the exact reverse of the reduction::
 
     electrons (sky + fringes + stars) x flat + dark + cosmic rays  -> Poisson noise
     -> / cell gain -> inverse nonlinearity -> + bias level, bias structure, read noise

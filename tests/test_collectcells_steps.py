@@ -152,7 +152,8 @@ def test_real_canned_wcs_and_banner(object_exposure, true_cals, mastercals, tmp_
     with fits.open(output) as hdus:
         header = hdus["OTA33.SCI"].header
         assert header["CTYPE1"] == "RA---TPV" and "PV1_22" in header
-        # DECISIONS 1: the header pointing lies near pixel (4200, 4200) of OTA 33 (binning 1).
+        # The header pointing lies near pixel (4200, 4200) of OTA 33 (binning 1): the
+        # tangent point is the pointing minus the stored offsets (docs/conventions.md).
         x, y = WCS(header).all_world2pix([150.0], [30.0], 0)
         assert np.hypot(x[0] * 2 - 4152, y[0] * 2 - 4132) * 0.1126 < 15
         assert "2mass_distort5.fits" in set(hdus["ASSOCIATIONS"].data["filename"])

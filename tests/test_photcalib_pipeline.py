@@ -41,7 +41,7 @@ def test_zero_point_sky_and_depth_match_the_truth(calibrated_fields, field):
         photcalib = Table(hdus["CAT.PHOTCALIB"].data)
         photcalib_header = hdus["CAT.PHOTCALIB"].header
     assert primary["PHOTCAL"] is True and primary["PHOTZP_N"] >= 20
-    # DECISIONS 12: PHOTZP is the 3" aperture zero point, APCORR takes it to total flux.
+    # PHOTZP is the 3" aperture zero point, APCORR takes it to total flux.
     assert primary["PHOTZP"] == pytest.approx(truth["PHOTZP3"], abs=0.01)
     assert primary["PHOTZP"] + primary["APCORR"] == pytest.approx(truth["PHOTZPT"], abs=0.01)
     assert primary["APCORR_N"] >= 5 and 0 < primary["APCORRER"] < 0.02
@@ -112,7 +112,7 @@ def test_aperture_fluxes_match_the_truth(calibrated_fields):
 
 def test_calibrated_catalog_magnitudes(calibrated_fields):
     """CAT.ODI MAG_D30 = instrumental + PHOTZP_X + APCORR: for stars the true magnitude
-    plus the 3" aperture loss (DECISIONS 12)."""
+    plus the 3" aperture loss."""
     exposure, output, _ = calibrated_fields[0]
     truth = truth_of(exposure)
     with fits.open(output) as hdus:
