@@ -35,9 +35,8 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
 
-import podi_ipprefcat
+import podi_fringe
 import podi_otaphases
 from podi_calibfiles import CalibrationNotFound, resolve_calibrations
 from podi_commandline import (HelpRequested, OptionError, expand_output_name,
@@ -45,6 +44,7 @@ from podi_commandline import (HelpRequested, OptionError, expand_output_name,
 from podi_definitions import PIPELINE_NAME, PIPELINE_VERSION, cell_geometry, layout_for_mjd
 from podi_mef import CalibrationError, StreamedMEF, add_keywords, check_calibration_binning
 from podi_rawdata import RawDataError, find_exposure, read_exposure_header
+from podi_reduceota import load_calibrations
 from podi_settings import run_settings
 from podi_sky import global_sky
 from podi_workers import JobsTimedOut, SharedBuffers, WorkerPool
@@ -140,10 +140,12 @@ def association_table(results, corrections=()):
         for step, path in files_used.items():
             if (step, path) not in rows:
                 rows.append((step, path))
-    table = Table(rows=rows or None, names=("correction", "filename_full"), dtype=("U25", "U375"))
-    table["filename"] = [Path(path).name[:100] for path in table["filename_full"]]
-    hdu = fits.BinTableHDU(table, name="ASSOCIATIONS")
-    return hdu
+    steps, paths = zip(*rows) if rows else ((), ())
+    return fits.BinTableHDU.from_columns(
+        [fits.Column("correction", "25A", array=list(steps)),
+         fits.Column("filename_full", "375A", array=list(paths)),
+         fits.Column("filename", "100A", array=[Path(path).name[:100] for path in paths])],
+        name="ASSOCIATIONS")
 
 
 class OrderedSink:
@@ -295,13 +297,16 @@ def collectcells(options, argv=()):
             check_calibration_binning(calibrations[step], size)
     corrections = frame_corrections(calibrations, first_header, binning)
     settings = run_settings(options, calibrations, corrections)
+    load_calibrations(settings.reduction)
     # A missing or unreadable catalog stops the frame before any work: a night loop
     # must not write frames that silently lack their calibration.
-    refcat = podi_ipprefcat.open_refcat(options.get("refcat")) if settings.detect_sources else None
+    refcat = None
     if settings.detect_sources:
-        # Loaded only when needed (sep and scipy cost 0.5 s of every start-up), and
-        # before the workers start, so that they share it.
+        # Loaded only when needed (sep, scipy and astropy.table cost 0.6 s of every
+        # start-up), and before the workers start, so that they share them.
         import podi_framecalib
+        import podi_ipprefcat
+        refcat = podi_ipprefcat.open_refcat(options.get("refcat"))
     if not options.get("bgmode"):
         logger.info("%s %s: reducing %s (%d OTAs, binning %d)", PIPELINE_NAME, PIPELINE_VERSION,
                     exposure.base, len(otas), binning)
@@ -357,7 +362,6 @@ def frame_corrections(calibrations, first_header, binning):
     """The frame-wide corrections asked for, in the order they are applied."""
     corrections = []
     if calibrations.get("fringe"):
-        import podi_fringe  # scipy.ndimage and scipy.spatial: only when asked for
         corrections.append(podi_fringe.FringeCorrection(
             calibrations["fringe"], calibrations["fringevectors"],
             str(first_header.get("FILTER", "unknown")).strip(), binning))
@@ -381,7 +385,7 @@ def main(argv=None):
     try:
         collectcells(options, ["podi_collectcells"] + argv)
     except (ReductionError, RawDataError, CalibrationNotFound, CalibrationError, OptionError,
-            podi_ipprefcat.RefcatError, OSError) as error:
+            OSError, ValueError) as error:
         print(f"podi_collectcells: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     return 0

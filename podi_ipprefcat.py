@@ -56,8 +56,8 @@ _GAIA_COLUMNS = ("source_id, ra, dec, ra_error, dec_error, ref_epoch, pmra, pmde
                  "phot_g_mean_mag, phot_bp_mean_mag, phot_rp_mean_mag")
 
 
-class RefcatError(Exception):
-    """A reference catalog is missing, unreadable or cannot be queried."""
+class RefcatError(ValueError):
+    """A reference catalog is missing, unreadable or cannot be queried (a bad input)."""
 
 
 # --- Proper motion ------------------------------------------------------------------

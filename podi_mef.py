@@ -239,6 +239,16 @@ def _open_calibration(filename, mtime_ns, size):
     return hdulist, by_ota
 
 
+def open_calibration(filename):
+    """The open calibration file and its OTA -> extension index (see :func:`_open_calibration`).
+
+    A master process that opens its calibrations before it forks its workers
+    hands them over parsed.
+    """
+    stat = os.stat(filename)
+    return _open_calibration(str(filename), stat.st_mtime_ns, stat.st_size)
+
+
 def _ota_of(header):
     """The OTA an extension header belongs to (by ``FPPOS``, else ``EXTNAME``), as a list."""
     if "FPPOS" in header:
@@ -278,8 +288,7 @@ def read_ota_image(filename, ota, size, out=None):
         File unreadable, OTA missing or of the wrong size (binning).
     """
     try:
-        stat = os.stat(filename)
-        hdulist, by_ota = _open_calibration(str(filename), stat.st_mtime_ns, stat.st_size)
+        hdulist, by_ota = open_calibration(filename)
         index = by_ota.get(ota)
         if index is None:
             raise CalibrationError(f"{filename}: has no extension for OTA {ota:02d}")
@@ -333,8 +342,9 @@ def check_calibration_binning(filename, size):
     wrong binning stops the frame with one clear message.
     """
     try:
-        with fits.open(filename, memmap=True) as hdulist:
-            shapes = {hdu.data.shape for hdu in hdulist if hdu.is_image and hdu.data is not None}
+        hdulist, _ = open_calibration(filename)
+        shapes = {(hdu.header["NAXIS2"], hdu.header["NAXIS1"]) for hdu in hdulist
+                  if hdu.is_image and hdu.header.get("NAXIS") == 2}
     except Exception as error:
         raise CalibrationError(f"{filename}: not a readable FITS file "
                                f"({' '.join(str(error).split())})") from None

@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
 
 import podi_wcs
 from podi_definitions import cell_geometry, layout_for_mjd
@@ -102,7 +101,7 @@ class OTAResult:
     sky_samples: np.ndarray
     files_used: dict
     steps: dict
-    sources: Table = None
+    sources: object = None
     pixel_scale: float = None
 
 

@@ -24,7 +24,7 @@ import podi_crosstalk
 import podi_nonlinearity
 from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, cell_geometry, cell_is_science,
                               cell_to_ota, layout_for_mjd, ota_extname)
-from podi_mef import CalibrationError, read_ota_image
+from podi_mef import CalibrationError, open_calibration, read_ota_image
 from podi_overscan import subtract_overscan
 from podi_rawdata import open_raw_ota
 
@@ -338,6 +338,21 @@ def _output_header(raw, gains):
     for cx, cy in all_cells():
         header[f"GAIN_C{cx}{cy}"] = (float(gains[cy, cx]), f"gain of cell {cx},{cy} (e-/ADU)")
     return header
+
+
+def load_calibrations(settings):
+    """Read the tables and open the masters of ``settings`` in this process.
+
+    Each is then read once per process; processes forked afterwards (the workers)
+    inherit them parsed.
+    """
+    if settings.crosstalk not in (None, "default"):
+        _crosstalk_inverse(settings.crosstalk)
+    if settings.nonlinearity is not None:
+        _nonlinearity_table(settings.nonlinearity)
+    for master in (settings.bias, settings.dark, settings.flat):
+        if master is not None:
+            open_calibration(master)
 
 
 # A worker reduces several OTAs with the same tables: each is read once per process.
