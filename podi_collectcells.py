@@ -89,8 +89,11 @@ def primary_header(first_header, results, failures, settings, argv):
     """
     primary = fits.Header()
     if not settings.prep4sex:
-        for result in results.values():
-            for key, card in result.inherited.items():
+        # The first OTA in the output order gives the exposure keywords (FILENAME
+        # differs between OTAs), whatever order the OTAs finished in.
+        order = layout_for_mjd(first_header.get("MJD-OBS", 0.0)).output_order
+        for ota in sorted(results, key=order.index):
+            for key, card in results[ota].inherited.items():
                 if key not in primary:
                     primary[key] = card
     else:
