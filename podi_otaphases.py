@@ -218,12 +218,12 @@ def reduce_phase(filename, image, settings):
     return frame
 
 
-def finish_phase(frame, settings, spare_cards=0):
+def finish_phase(frame, settings):
     """Run :data:`FINISH_STAGES`, put the image in FITS byte order, make its header text.
 
-    ``spare_cards`` blank cards leave room for keywords added after the OTA is in
-    the output file (the WCS fit): they take the place of blank cards, so the
-    header keeps its length and can be rewritten in place.
+    With ``-fixwcs`` the header ends in :data:`WCS_SPARE_CARDS` blank cards, room for
+    the keywords of the WCS fit added after the OTA is in the output file: they take
+    the place of blank cards, so the header keeps its length and is rewritten in place.
     """
     for stage in FINISH_STAGES:
         stage(frame, settings)
@@ -235,7 +235,7 @@ def finish_phase(frame, settings, spare_cards=0):
     if isinstance(frame.image, np.memmap):
         frame.image.flush()
     hdu = fits.ImageHDU(data=image, header=frame.header)
-    for _ in range(spare_cards):
+    for _ in range(WCS_SPARE_CARDS if settings.detect_sources else 0):
         hdu.header.add_blank()
     hdu.header["CHECKSUM"] = ("0" * 16, "HDU checksum")
     hdu.header["DATASUM"] = (str(datasum), "data unit checksum")
@@ -280,14 +280,9 @@ def apply_phase(frame, settings, parameters):
 
 # --- Jobs for podi_workers.WorkerPool: function(ota, image, settings, *args) ------------
 
-def spare_cards(settings):
-    """Blank header cards kept for the keywords of the WCS fit (with ``-fixwcs``)."""
-    return WCS_SPARE_CARDS if settings.detect_sources else 0
-
-
 def collect_reduce_ota(ota, image, settings, filename):
     """Reduce and finish one OTA in one go (no frame-wide correction asked for)."""
-    return finish_phase(reduce_phase(filename, image, settings), settings, spare_cards(settings))
+    return finish_phase(reduce_phase(filename, image, settings), settings)
 
 
 def reduce_and_measure(ota, image, settings, filename):
@@ -309,5 +304,5 @@ def apply_and_finish(ota, image, settings, frame, parameters):
     """Second round: apply the frame-wide corrections, then finish."""
     frame.image = image
     apply_phase(frame, settings, parameters)
-    return finish_phase(frame, settings, spare_cards(settings))
+    return finish_phase(frame, settings)
 

@@ -157,9 +157,12 @@ def main():
         plain = collectcells_runs(fringe_exposure, output, fringe_flags, args.repeat)
         fringe = collectcells_runs(fringe_exposure, output, fringe_flags + [f"-fringe={fringe_cals}"],
                                    args.repeat)
+        # The true scale in the output's unit (electrons with -gain): FRNGAMP x sky.
+        true_scale = (fits.getval(next(FRINGE_CACHE.glob("*.truth.fits")), "FRNGAMP")
+                      * fits.getval(output, "SKYLEVEL"))
         print(f"-fringe: {fringe[0]:.2f} s wall, {fringe[1]:.2f} CPU-s; adds {fringe[0] - plain[0]:.2f} s "
-              f"and {fringe[1] - plain[1]:.2f} CPU-s (FRNG_SCL {fits.getval(output, 'FRNG_SCL'):.1f}, "
-              f"true {fits.getval(next(FRINGE_CACHE.glob('*.truth.fits')), 'FRNGSCL'):.1f})")
+              f"and {fringe[1] - plain[1]:.2f} CPU-s (FRNG_SCL {fits.getval(output, 'FRNG_SCL'):.2f}, "
+              f"true {true_scale:.2f})")
     # Each step adds to the one before; the last turns the QA plots on.
     steps = []
     if args.fixwcs or args.photcalib or args.plots:
