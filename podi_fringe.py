@@ -323,7 +323,7 @@ class FringeCorrection:
         """
         size = shape[0]
         try:
-            return read_ota_image(self.template_file, ota, size, out="map")[0]
+            return read_ota_image(self.template_file, ota, size, mapped=True)[0]
         except CalibrationError as error:
             if self.binning == 1 or "binning does not match" not in str(error):
                 return " ".join(str(error).split())

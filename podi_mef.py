@@ -10,7 +10,6 @@ import functools
 import io
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -261,7 +260,7 @@ def _ota_of(header):
     return [int(match.group(1))] if match else []
 
 
-def read_ota_image(filename, ota, size, out=None):
+def read_ota_image(filename, ota, size, mapped=False):
     """Read the image of one OTA from a pipeline-format file (a master calibration).
 
     Parameters
@@ -270,17 +269,16 @@ def read_ota_image(filename, ota, size, out=None):
     ota : int
     size : int
         Expected side of the OTA array (4096 at binning 1, 2048 at binning 2).
-    out : numpy.ndarray or 'map', optional
-        Native float32 array of shape ``(size, size)`` to read into. Plain float32
-        data are then read straight from the file into it and put in native byte
-        order in place: no temporary array, no page faults on a reused ``out``.
-        ``'map'`` returns the read-only memory map of the file's data instead, for
-        a reader that needs only a few parts of the image.
+    mapped : bool
+        Return the read-only memory map of the file's data (big-endian) instead of
+        a native float32 copy. Arithmetic reads it in one pass without a converted
+        copy (3-5 times faster than reading the file into an array and swapping its
+        bytes), and a reader of a few parts of the image reads only their pages.
 
     Returns
     -------
     (numpy.ndarray, astropy.io.fits.Header, astropy.io.fits.Header)
-        Image (``out`` if given), the extension header and the primary header.
+        Image, the extension header and the primary header.
 
     Raises
     ------
@@ -297,42 +295,13 @@ def read_ota_image(filename, ota, size, out=None):
             shape = None if hdu.data is None else hdu.data.shape
             raise CalibrationError(f"{filename}: OTA {ota:02d} is {shape}, expected "
                                    f"({size}, {size}): binning does not match the raw data")
-        if isinstance(out, str):
-            out = hdu.data
-        elif out is None:
-            out = np.array(hdu.data, dtype=np.float32)
-        elif _plain_float32(hdu.header):
-            _read_into(filename, hdu.fileinfo()["datLoc"], out)
-        else:
-            out[...] = hdu.data
-        return out, hdu.header.copy(), hdulist[0].header.copy()
+        data = hdu.data if mapped else np.array(hdu.data, dtype=np.float32)
+        return data, hdu.header.copy(), hdulist[0].header.copy()
     except CalibrationError:
         raise
     except Exception as error:
         raise CalibrationError(f"{filename}: not a readable FITS file "
                                f"({' '.join(str(error).split())})") from None
-
-
-def _plain_float32(header):
-    return (header.get("BITPIX") == -32 and float(header.get("BSCALE", 1)) == 1
-            and float(header.get("BZERO", 0)) == 0 and "ZIMAGE" not in header)
-
-
-def _read_into(filename, offset, out):
-    """Big-endian float32 bytes at ``offset`` of a file into ``out``, native order."""
-    view = memoryview(out.reshape(-1)).cast("B")
-    descriptor = os.open(filename, os.O_RDONLY)
-    try:
-        done = 0
-        while done < len(view):
-            count = os.preadv(descriptor, [view[done:]], offset + done)
-            if count == 0:
-                raise OSError(f"{filename}: file ends inside the data")
-            done += count
-    finally:
-        os.close(descriptor)
-    if sys.byteorder == "little":
-        out.byteswap(inplace=True)
 
 
 def check_calibration_binning(filename, size):

@@ -240,7 +240,7 @@ def assemble(frame, settings):
 
 def _master(frame, filename, step):
     size = cell_geometry(frame.binning).ota_size
-    data, header, primary = read_ota_image(filename, frame.ota, size, out=calibration_buffer(size))
+    data, header, primary = read_ota_image(filename, frame.ota, size, mapped=True)
     frame.header[f"CC-{step.upper()[:5]}"] = (Path(filename).name, f"master {step}")
     return data, header, primary
 
@@ -364,16 +364,6 @@ def _crosstalk_inverse(filename):
 @functools.lru_cache(maxsize=4)
 def _nonlinearity_table(filename):
     return podi_nonlinearity.read_nonlinearity(filename)
-
-
-@functools.lru_cache(maxsize=1)
-def calibration_buffer(size):
-    """The float32 OTA array this process reads calibration images into.
-
-    One stage at a time uses it (bias, dark, flat, then a frame-wide correction's
-    template): reused, its pages are faulted in once per process, not per OTA.
-    """
-    return np.empty((size, size), np.float32)
 
 
 @functools.lru_cache(maxsize=1)
