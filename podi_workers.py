@@ -106,10 +106,10 @@ def _call(function, key, args, buffers, context):
 def _keep_freed_memory():
     """Let this process reuse the memory of freed large arrays (glibc only).
 
-    By default glibc gives every array above 32 MB its own mapping and returns it
-    when freed, so each job pays its page faults anew (about 0.1 s of system time
-    for the 20,000 pages of one unbinned OTA's arrays). Served from the heap and
-    kept, the next job's arrays reuse them.
+    By default glibc gives large arrays their own mappings and returns them when
+    freed, so each job pays their page faults anew. Served from the heap and kept,
+    the next job's temporaries reuse them (a full frame: about 10,000 fewer page
+    faults of 275,000; most of the rest are the fresh shared buffers).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
