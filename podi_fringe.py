@@ -346,7 +346,11 @@ class FringeCorrection:
         path = self.vector_file(frame.ota)
         if not path.is_file():
             return self._note(frame, f"no fringe vectors {path}; fringes not measured")
-        measured = measure_vectors(frame.image, template, read_fringe_vectors(path), self.binning)
+        try:
+            vectors = read_fringe_vectors(path)
+        except FringeError as error:
+            return self._note(frame, f"{error}; fringes not measured")
+        measured = measure_vectors(frame.image, template, vectors, self.binning)
         scale = clipped_scale(measured.ratio)
         frame.header["FRNG_SCL"] = (_rounded(scale.scale), "fringe scale of this OTA (BUNIT/template)")
         frame.header["FRNG_STD"] = (_rounded(scale.std), "std of the clipped vector ratios")

@@ -233,6 +233,20 @@ def test_ota_without_template_extension_gets_a_note(fringe_exposures, fringe_cal
         assert math.isfinite(hdus[0].header["FRNG_SCL"])
 
 
+def test_unreadable_vector_file_gets_a_note(fringe_exposures, fringe_cals, tmp_path):
+    import shutil
+    for path in fringe_cals.glob("fringevectors__*.reg"):
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / fringe_vectors_name("odi_i", 34)).write_text("# Region file\nimage\nvector(1,2,x,4)\n")
+    output = tmp_path / "out.fits"
+    assert run_collectcells(fringe_exposures["fringes"], output, f"-cals={fringe_cals}",
+                            f"-fringe={fringe_cals}", f"-fringevectors={tmp_path}") == 0
+    with fits.open(output) as hdus:
+        assert hdus[0].header["NFAILED"] == 0
+        assert "fringes not measured" in " ".join(hdus["OTA34.SCI"].header["HISTORY"])
+        assert hdus[0].header["FRNG_OK"]
+
+
 def test_missing_template_file_is_an_error(fringe_exposures, fringe_cals, tmp_path, capsys):
     output = tmp_path / "out.fits"
     assert run_collectcells(fringe_exposures["fringes"], output, f"-cals={fringe_cals}",
