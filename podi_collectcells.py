@@ -42,7 +42,8 @@ from podi_calibfiles import CalibrationNotFound, resolve_calibrations
 from podi_commandline import (HelpRequested, OptionError, expand_output_name,
                               parse_commandline, usage)
 from podi_definitions import PIPELINE_NAME, PIPELINE_VERSION, cell_geometry, layout_for_mjd
-from podi_mef import CalibrationError, StreamedMEF, add_keywords, check_calibration_binning
+from podi_mef import (CalibrationError, StreamedMEF, add_keywords, check_calibration_binning,
+                      header_number)
 from podi_rawdata import RawDataError, find_exposure, read_exposure_header
 from podi_reduceota import load_calibrations
 from podi_settings import run_settings
@@ -113,9 +114,9 @@ def primary_header(first_header, results, failures, settings, argv):
     primary["RDNOISE"] = (float(np.median([h["RDNOISE"] for h in headers])), "read noise (BUNIT)")
     primary["SATURATE"] = (float(min(h["SATURATE"] for h in headers)), "lowest saturation level (BUNIT)")
     sky, noise = global_sky(results, first_header)
-    primary["SKYLEVEL"] = (_finite(sky), "median sky level (BUNIT)")
-    primary["SKYBG"] = (_finite(sky), "same as SKYLEVEL")
-    primary["SKYNOISE"] = (_finite(noise), "pixel noise of the sky (BUNIT)")
+    primary["SKYLEVEL"] = (header_number(sky), "median sky level (BUNIT)")
+    primary["SKYBG"] = (header_number(sky), "same as SKYLEVEL")
+    primary["SKYNOISE"] = (header_number(noise), "pixel noise of the sky (BUNIT)")
     mjd = float(first_header.get("MJD-OBS", 0.0))
     primary["MJD-MID"] = (mjd + float(first_header.get("EXPTIME", 0.0)) / 2 / 86400,
                           "MJD at the middle of the exposure")
@@ -129,9 +130,6 @@ def primary_header(first_header, results, failures, settings, argv):
         primary.add_history(f"OTA {ota:02d} failed: {message}")
     return primary
 
-
-def _finite(value):
-    return round(float(value), 4) if np.isfinite(value) else -1.0
 
 
 def association_table(results, corrections=()):

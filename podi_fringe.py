@@ -36,7 +36,7 @@ import numpy as np
 from podi_bpm import _parse_regions
 from podi_calibfiles import fringe_vectors_name
 from podi_definitions import is_guide_ota
-from podi_mef import CalibrationError, read_ota_image
+from podi_mef import CalibrationError, header_number, read_ota_image
 from podi_reduceota import subtract_scaled
 from podi_stats import bin_image
 
@@ -352,8 +352,8 @@ class FringeCorrection:
             return self._note(frame, f"{error}; fringes not measured")
         measured = measure_vectors(frame.image, template, vectors, self.binning)
         scale = clipped_scale(measured.ratio)
-        frame.header["FRNG_SCL"] = (_rounded(scale.scale), "fringe scale of this OTA (BUNIT/template)")
-        frame.header["FRNG_STD"] = (_rounded(scale.std), "std of the clipped vector ratios")
+        frame.header["FRNG_SCL"] = (header_number(scale.scale), "fringe scale of this OTA (BUNIT/template)")
+        frame.header["FRNG_STD"] = (header_number(scale.std), "std of the clipped vector ratios")
         frame.header["FRNG_OK"] = (scale.ok, "significant fringe scale in this OTA")
         frame.header["FRNG_NV"] = (scale.n_used, "fringe vectors used in this OTA")
         frame.header.add_history(f"fringe: {scale.n_used} of {len(measured.index) + measured.n_skipped} "
@@ -364,9 +364,9 @@ class FringeCorrection:
         """One clipped scale from the ratios of every OTA; returns (scale or None, keywords)."""
         ratios = [ratio for ratio in measurements.values() if ratio is not None]
         scale = clipped_scale(np.concatenate(ratios) if ratios else [])
-        keywords = {"FRNG_SCL": (_rounded(scale.scale), "fringe scale of the frame (BUNIT/template)"),
-                    "FRNG_ERR": (_rounded(scale.error), "standard error of FRNG_SCL"),
-                    "FRNG_STD": (_rounded(scale.std), "std of the clipped vector ratios"),
+        keywords = {"FRNG_SCL": (header_number(scale.scale), "fringe scale of the frame (BUNIT/template)"),
+                    "FRNG_ERR": (header_number(scale.error), "standard error of FRNG_SCL"),
+                    "FRNG_STD": (header_number(scale.std), "std of the clipped vector ratios"),
                     "FRNG_OK": (scale.ok, "fringes subtracted: scale significant"),
                     "FRNG_NV": (scale.n_used, "fringe vectors used in the frame")}
         if not scale.ok:
@@ -394,6 +394,3 @@ class FringeCorrection:
         frame.steps[self.name] = reason
         frame.header.add_history(f"fringe: {reason}")
 
-
-def _rounded(value):
-    return round(float(value), 4) if np.isfinite(value) else -1.0

@@ -207,6 +207,17 @@ def master_primary(kind, binning, exptime, mjd, gain, filter_name=None):
     return header
 
 
+def fringe_primary(binning, mjd, filter_name):
+    """Primary header of a fringe template (``fringe__<FILTER>.fits``)."""
+    header = fits.Header()
+    header["PIPELINE"] = PIPELINE_NAME
+    header["OBSTYPE"] = ("FRINGE", "relative fringe amplitude (image - sky) / sky")
+    header["FILTER"] = filter_name
+    header["BINNING"] = binning
+    header["MJD-OBS"] = mjd
+    return header
+
+
 def master_extension(ota, data, **keywords):
     """Image extension ``OTA<xy>.SCI`` of one OTA in a master (float32, ``FPPOS`` set)."""
     header = fits.Header()
@@ -354,12 +365,7 @@ def make_fringe_template(exposures, outdir, settings, ncpus=None):
         results = {r["ota"]: r for r in map_otas(fringe_ota, jobs, ncpus) if r["path"] is not None}
         if not results:
             raise CalibrationError(f"{filename}: no usable object frame for any OTA")
-        primary = fits.Header()
-        primary["PIPELINE"] = PIPELINE_NAME
-        primary["OBSTYPE"] = ("FRINGE", "relative fringe amplitude (image - sky) / sky")
-        primary["FILTER"] = filter_name
-        primary["BINNING"] = binning
-        primary["MJD-OBS"] = float(np.mean([e.mjd for e in exposures]))
+        primary = fringe_primary(binning, float(np.mean([e.mjd for e in exposures])), filter_name)
         primary["NCOMBINE"] = (len(exposures), "exposures given")
         for exposure in exposures:
             primary.add_history(f"input: {exposure.name}")

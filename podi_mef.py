@@ -93,6 +93,14 @@ def _encode_checksum(value):
     return bytes(characters[15:] + characters[:15]).decode("ascii")
 
 
+def header_number(value):
+    """A measured number for a header card: 4 decimals, or -1.0 where it is undefined.
+
+    FITS cards cannot hold NaN; -1 is the original pipeline's "not measured".
+    """
+    return round(float(value), 4) if np.isfinite(value) else -1.0
+
+
 def add_keywords(target, keywords):
     """Add ``keywords`` (key -> card) to a header or keyword dictionary, each only once.
 
@@ -121,11 +129,11 @@ def native_datasum(array):
 
 
 def header_text_with_checksum(header):
-    """FITS text of an HDU header whose ``DATASUM`` is set, with its ``CHECKSUM`` renewed.
+    """Renew the ``CHECKSUM`` of an HDU header whose ``DATASUM`` is set; return its FITS text.
 
-    The data are not read: their sum is the header's ``DATASUM``.
+    The header is updated in place. The data are not read: their sum is the
+    header's ``DATASUM``.
     """
-    header = header.copy()
     header["CHECKSUM"] = "0" * 16
     text = header.tostring().encode("ascii")
     total = _ones_complement_sum(text, int(header["DATASUM"]))

@@ -43,7 +43,7 @@ from astropy.io import fits
 
 import podi_wcs
 from podi_definitions import cell_geometry, layout_for_mjd
-from podi_mef import add_keywords, header_text_with_checksum, native_datasum
+from podi_mef import add_keywords, header_number, header_text_with_checksum, native_datasum
 from podi_reduceota import reduce_ota
 from podi_sky import sky_samples, sky_statistics
 
@@ -155,12 +155,12 @@ def sky_level(frame, settings):
     frame.sky_samples = sky_samples(frame.image, frame.binning, seed=frame.ota)
     median, mean, std = sky_statistics(frame.sky_samples)
     noise = float(np.median(frame.sky_samples["noise"])) if len(frame.sky_samples) else math.nan
-    frame.header["SKY_MEDI"] = (_finite(median), "median sky level of the boxes (BUNIT)")
-    frame.header["SKY_MEAN"] = (_finite(mean), "mean sky level of the boxes (BUNIT)")
-    frame.header["SKY_STD"] = (_finite(std), "std of the box sky levels (BUNIT)")
-    frame.header["SKYNOISE"] = (_finite(noise), "pixel noise: median over boxes of 1.4826 MAD")
+    frame.header["SKY_MEDI"] = (header_number(median), "median sky level of the boxes (BUNIT)")
+    frame.header["SKY_MEAN"] = (header_number(mean), "mean sky level of the boxes (BUNIT)")
+    frame.header["SKY_STD"] = (header_number(std), "std of the box sky levels (BUNIT)")
+    frame.header["SKYNOISE"] = (header_number(noise), "pixel noise: median over boxes of 1.4826 MAD")
     frame.header["SKYNBOX"] = (len(frame.sky_samples), "sky boxes used")
-    frame.record("sky", f"{len(frame.sky_samples)} boxes, median {_finite(median)}")
+    frame.record("sky", f"{len(frame.sky_samples)} boxes, median {header_number(median)}")
 
 
 def detect_sources(frame, settings):
@@ -204,9 +204,6 @@ def inherited_keywords(frame, settings):
 FINISH_STAGES = [sky_level, detect_sources, undefined_value, inherited_keywords]
 
 
-def _finite(value):
-    return round(float(value), 4) if np.isfinite(value) else -1.0
-
 
 # --- The phases ---------------------------------------------------------------------------
 
@@ -240,7 +237,7 @@ def finish_phase(frame, settings):
     hdu.header["CHECKSUM"] = ("0" * 16, "HDU checksum")
     hdu.header["DATASUM"] = (str(datasum), "data unit checksum")
     text = header_text_with_checksum(hdu.header)
-    return OTAResult(ota=frame.ota, header=fits.Header.fromstring(text), header_text=text,
+    return OTAResult(ota=frame.ota, header=hdu.header, header_text=text,
                      inherited=frame.inherited, sky_samples=frame.sky_samples,
                      files_used=frame.files_used, steps=frame.steps, sources=frame.sources,
                      pixel_scale=frame.pixel_scale)

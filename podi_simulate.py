@@ -54,7 +54,7 @@ from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, 
                               cell_geometry, cell_origin, cell_to_ota, fppos_for_ota,
                               layout_by_name, ota_origin_in_focal_plane,
                               otas_to_normalize_flat)
-from podi_makecalibrations import (flat_normalisation_level, master_extension,
+from podi_makecalibrations import (flat_normalisation_level, fringe_primary, master_extension,
                                    master_primary)
 from podi_mef import write_atomic
 from podi_stats import bin_image
@@ -863,8 +863,7 @@ def write_true_calibrations(spec, outdir, gain=False):
                  for kind in images}
     if spec.fringe_amplitude > 0:
         images["fringe"] = {ota: instrument.fringe_pattern(ota, spec.binning) for ota in otas}
-        primaries["fringe"] = fits.Header({"OBSTYPE": "FRINGE", "BINNING": spec.binning,
-                                           "MJD-OBS": spec.mjd, "FILTER": spec.filter})
+        primaries["fringe"] = fringe_primary(spec.binning, spec.mjd, spec.filter)
     written = {}
     for kind, by_ota in images.items():
         primary = primaries[kind]

@@ -128,8 +128,8 @@ def test_frame_without_fringes_is_left_alone(fringe_reductions):
             np.testing.assert_array_equal(corrected[f"OTA{ota}.SCI"].data, plain[f"OTA{ota}.SCI"].data)
 
 
-def test_redesign_leaves_outputs_without_corrections_unchanged(fringe_reductions):
-    """The phases cost nothing when unused: no fringe keyword without -fringe."""
+def test_no_fringe_keywords_without_the_flag(fringe_reductions):
+    """Without -fringe the frame-wide phases do not run: no fringe keyword is written."""
     primary = fits.getheader(fringe_reductions[("fringes", False)])
     assert "FRNG_SCL" not in primary
 
@@ -254,3 +254,23 @@ def test_missing_template_file_is_an_error(fringe_exposures, fringe_cals, tmp_pa
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "nothere.fits: no such file or folder" in error
     assert not output.exists()
+
+
+def test_unbinned_template_serves_binned_data_and_other_sizes_get_a_note(fringe_exposures,
+                                                                         fringe_cals, tmp_path):
+    """An unbinned template is block-averaged to binning 2 (same scale as the binned
+    one); a template of any other size leaves its OTA alone with a note."""
+    from podi_makecalibrations import master_extension
+    template = tmp_path / "fringe__odi_i.fits"
+    with fits.open(fringe_cals / "fringe__odi_i.fits") as hdus:
+        unbinned = [master_extension(ota, np.repeat(np.repeat(hdus[f"OTA{ota}.SCI"].data, 2, 0), 2, 1))
+                    for ota in (33, 34)]
+        fits.HDUList([fits.PrimaryHDU()] + unbinned
+                     + [master_extension(22, np.zeros((1000, 1000), np.float32))]).writeto(template)
+    output = tmp_path / "out.fits"
+    assert run_collectcells(fringe_exposures["fringes"], output, f"-cals={fringe_cals}",
+                            f"-fringe={template}", f"-fringevectors={fringe_cals}") == 0
+    truth = truth_of(fringe_exposures["fringes"])
+    with fits.open(output) as hdus:
+        assert hdus[0].header["FRNG_SCL"] == pytest.approx(truth["FRNGSCL"], rel=0.03)
+        assert "is (1000, 1000), expected (2048, 2048)" in " ".join(hdus["OTA22.SCI"].header["HISTORY"])
