@@ -45,14 +45,14 @@ from pathlib import Path
 import podi_history
 import podi_wcs
 from podi_crosstalk import crosstalk_file_for_mjd
-from podi_definitions import layout_for_mjd, normalised_filter_name, package_data_dir
+from podi_definitions import filter_level, layout_for_mjd, normalised_filter_name, package_data_dir
 from podi_nonlinearity import nonlinearity_file_for_mjd
 
 logger = logging.getLogger(__name__)
 
 #: Keys of the dictionary returned by :func:`resolve_calibrations`.
 STEPS = ("bias", "dark", "flat", "bpm", "nonlinearity", "wcs", "crosstalk", "fringe",
-         "fringevectors")
+         "fringevectors", "pupilghost")
 
 #: Value of the ``crosstalk`` entry meaning "built-in coefficient" (no file).
 DEFAULT_CROSSTALK = "default"
@@ -100,6 +100,8 @@ def resolve_calibrations(options, primary_header, binning):
     resolved["crosstalk"] = resolve_crosstalk(options.get("crosstalk"), cals, mjd)
     resolved["fringe"], resolved["fringevectors"] = resolve_fringe(
         options.get("fringe"), options.get("fringevectors"), primary_header)
+    resolved["pupilghost"] = resolve_pupilghost(options.get("pupilghost"), cals, primary_header,
+                                                binning)
     for step in STEPS:
         logger.debug("%s: %s", step, resolved[step])
     return resolved
@@ -144,6 +146,49 @@ def resolve_fringe(template, vectors, primary_header):
     if not folder.is_dir():
         raise CalibrationNotFound(f"-fringevectors={vectors}: no such file or folder")
     return _absolute(path), _absolute(folder)
+
+
+def resolve_pupilghost(value, cals, primary_header, binning):
+    """Pupil-ghost template file, or None when the ghost stays.
+
+    ``-pupilghost=FILE`` names the template; ``-pupilghost=DIR`` (bare: the ``-cals``
+    folder) looks for :func:`pupilghost_template_name` of the frame's filter level
+    (``FLTARM`` keywords) and binning. A template holds the ghost in unbinned-pixel
+    units, so one made from flats of the other binning serves too (with a warning).
+    A level without a template leaves the frame alone with a warning: a night loop
+    passes the same folder for every filter.
+
+    Raises
+    ------
+    CalibrationNotFound
+        A named file or folder does not exist, or a bare flag without ``-cals``.
+    """
+    if value is None:
+        return None
+    if value == "auto":
+        if cals is None:
+            raise CalibrationNotFound("-pupilghost without a folder needs -cals=DIR")
+        value = cals
+    path = _path(value)
+    if path.is_file():
+        return _absolute(path)
+    if not path.is_dir():
+        raise CalibrationNotFound(f"-pupilghost={value}: no such file or folder")
+    level = filter_level(primary_header)
+    names = [pupilghost_template_name(level, b) for b in dict.fromkeys([binning, 1, 2])]
+    found = next((path / name for name in names if (path / name).is_file()), None)
+    if found is None or level <= 0:
+        logger.warning("-pupilghost=%s: no template for filter level %d (tried %s); pupil ghost "
+                       "not removed", value, level, ", ".join(names[:1] if level <= 0 else names))
+        return None
+    if found.name != names[0]:
+        logger.warning("-pupilghost: no template for binning %d; %s is used", binning, found.name)
+    return _absolute(found)
+
+
+def pupilghost_template_name(level, binning):
+    """``pupilghost_template___level_<L>__bin<b>.fits`` (three, then two underscores)."""
+    return f"pupilghost_template___level_{level}__bin{binning}.fits"
 
 
 def observation_mjd(primary_header):

@@ -38,6 +38,7 @@ from astropy.io import fits
 
 import podi_fringe
 import podi_otaphases
+import podi_pupilghost
 from podi_calibfiles import CalibrationNotFound, resolve_calibrations
 from podi_commandline import (HelpRequested, OptionError, expand_output_name,
                               parse_commandline, usage)
@@ -362,6 +363,9 @@ def collectcells(options, argv=()):
 def frame_corrections(calibrations, first_header, binning):
     """The frame-wide corrections asked for, in the order they are applied."""
     corrections = []
+    if calibrations.get("pupilghost"):
+        corrections.append(podi_pupilghost.PupilGhostCorrection(
+            calibrations["pupilghost"], podi_pupilghost.rotator_angle(first_header)))
     if calibrations.get("fringe"):
         corrections.append(podi_fringe.FringeCorrection(
             calibrations["fringe"], calibrations["fringevectors"],

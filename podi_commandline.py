@@ -48,8 +48,9 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -update_persistency_only   accepted for compatibility, no effect            False
     -fringe=DIR|FILE           fringe template (folder: fringe__<FILTER>.fits)  None (off)
     -fringevectors=DIR|FILE    folder of the fringe vector regions              None (template's folder)
-    -pupilghost, -persistency, -nonsidereal
-                               not available yet: stop with an error            None
+    -pupilghost[=DIR|FILE]     pupil-ghost template (folder: pupilghost_template___level_<L>__bin<b>.fits;
+                               bare: the -cals folder)                           None (off)
+    -persistency, -nonsidereal not available yet: stop with an error            None
     -pointing, -dither, -target
                                defunct: accepted with a warning, ignored        (no key)
     -help, --help              print the usage text and exit
@@ -81,7 +82,7 @@ DEFAULT_TIMEOUT = 900.0
 
 #: Flags of steps not built yet: parsed, then refused with "not available yet", so
 #: that no flag is silently ignored.
-NOT_AVAILABLE_FLAGS = ("pupilghost", "persistency", "nonsidereal")
+NOT_AVAILABLE_FLAGS = ("persistency", "nonsidereal")
 
 #: Flags of the original that no longer do anything -> hint for the warning.
 DEFUNCT_FLAGS = {
@@ -345,9 +346,10 @@ FLAGS = (
          "(a filter without one is left alone)", _text, metavar="=DIR|FILE"),
     Flag("fringevectors", "fringevectors", None, "folder of fringevectors__<FILTER>__OTA<xy>.reg "
          "(default: the template's folder)", _text, metavar="=DIR|FILE"),
+    Flag("pupilghost", "pupilghost", None, "pupil-ghost template, or its folder (a filter level "
+         "without one is left alone); bare: the -cals folder", _auto_or_text, bare="auto",
+         metavar="[=DIR|FILE]"),
     # Steps not built yet: the table entries are placeholders, see NOT_AVAILABLE_FLAGS.
-    Flag("pupilghost", "pupilghost", None, "pupil-ghost templates (not available yet)", _text,
-         metavar="=DIR"),
     Flag("persistency", "persistency", None, "saturation catalogs (not available yet)", _text,
          metavar="=DIR"),
     Flag("nonsidereal", "nonsidereal", None, "non-sidereal tracking (not available yet)", _text,

@@ -4,7 +4,7 @@ Usage::
 
     podi_makecalibrations input [input ...] calibdir [-crosstalk=FILE|none]
         [-nonlinearity=FILE] [-gain] [-combine=median|mean] [-binning=N] [-ncpus=N]
-        [-bpm=DIR] [-fringe]
+        [-bpm=DIR] [-fringe] [-pupilghost[=DIR]]
 
 Each ``input`` is an exposure directory, one OTA file of an exposure, or a text
 file listing such paths in its first column (``#`` comments allowed). Exposures are
@@ -27,6 +27,15 @@ masters: sky-dominated, dithered frames of one filter) also give
 * ``fringevectors__<FILTER>__OTA<xy>.reg``: pairs of close dark and bright points of
   that template (ds9 vectors), chosen automatically.
 
+With ``-pupilghost``, the flats of the OTAs the pupil ghost falls on get the ghost
+divided out (:mod:`podi_pupilghosttemplate`; extension keywords ``PGAFCTD = T``,
+``PGEFCTVX/Y``, ``PGSCALNG``), so that the flat holds the pixels' response alone;
+the bare flag fits the ghost and also writes its template
+``pupilghost_template___level_<L>__bin<b>.fits`` (L: the filter arm level of the
+``FLTARM`` keywords), ``-pupilghost=DIR`` fits the scale of the template in DIR
+instead. ``podi_collectcells -pupilghost`` subtracts the ghost from science frames
+reduced with such a flat.
+
 Each input goes through the same per-OTA stages as ``podi_collectcells`` (crosstalk,
 overscan, nonlinearity, gain), so masters and science frames must be made with the
 same ``-gain`` setting. Outputs are in the pipeline's own format (``podi_mef``).
@@ -47,10 +56,12 @@ import numpy as np
 from astropy.io import fits
 
 import podi_fringetemplate
+import podi_pupilghost
+import podi_pupilghosttemplate
 from podi_badpixels import derive_bpm_files
-from podi_calibfiles import fringe_vectors_name, master_name
+from podi_calibfiles import fringe_vectors_name, master_name, pupilghost_template_name
 from podi_crosstalk import crosstalk_file_for_mjd
-from podi_definitions import (PIPELINE_NAME, cell_geometry, cell_to_ota,
+from podi_definitions import (PIPELINE_NAME, cell_geometry, cell_to_ota, filter_level,
                               fppos_for_ota, is_guide_ota, layout_for_mjd, ota_extname,
                               otas_to_normalize_flat)
 from podi_imcombine import COMBINE_METHODS, clipped_combine
@@ -76,6 +87,8 @@ class RawExposure:
     exptime: float
     mjd: float
     ota_files: dict
+    level: int = 0          # filter arm level (FLTARM keywords)
+    rotator: float = 0.0    # ROTSTART (degrees)
 
 
 def read_inputs(paths):
@@ -99,7 +112,8 @@ def classify(path):
     header, binning = read_exposure_header(first)
     return RawExposure(exposure.base, str(header.get("OBSTYPE", "")).strip().upper(), binning,
                        str(header.get("FILTER", "unknown")).strip(), float(header.get("EXPTIME", 0.0)),
-                       float(header.get("MJD-OBS", 0.0)), exposure.ota_files)
+                       float(header.get("MJD-OBS", 0.0)), exposure.ota_files, filter_level(header),
+                       podi_pupilghost.rotator_angle(header))
 
 
 def flat_normalisation_level(binned):
@@ -228,7 +242,7 @@ def master_extension(ota, data, **keywords):
     return fits.ImageHDU(np.asarray(data, dtype=np.float32), header, name=ota_extname(ota))
 
 
-def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None):
+def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None, pupilghost=None):
     """Build one master calibration file from exposures of one kind and binning.
 
     Parameters
@@ -238,6 +252,10 @@ def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None)
     outdir : Path
     settings : ReductionSettings
         Stages applied to each input (bias/dark masters to subtract included).
+    pupilghost : True, str or None
+        Flats only: divide the pupil ghost out (:func:`remove_pupil_ghost`); True fits
+        it freely and writes its template next to the flat, a string names a folder
+        or file with the template to use.
 
     Returns
     -------
@@ -271,6 +289,9 @@ def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None)
                                  gain, filter_name)
         primary["NCOMBINE"] = (len(exposures), "exposures given")
         primary["COMBINE"] = (combine, "sigma-clipped statistic")
+        ghost_keywords = {}
+        if kind == "flat" and pupilghost:
+            ghost_keywords = remove_pupil_ghost(results, exposures, outdir, pupilghost, primary)
         if kind == "flat":
             chosen = [r for r in results if r["ota"] in otas_to_normalize_flat(filter_name, layout)] \
                 or results
@@ -288,10 +309,66 @@ def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None)
                     data /= np.float32(level)
                     with np.errstate(invalid="ignore"):
                         data[data < 0.1] = np.nan
-                hdus.append(master_extension(ota, data, NCOMBINE=header["NCOMBINE"],
-                                             GAIN=header["GAIN"]))
+                extension = master_extension(ota, data, NCOMBINE=header["NCOMBINE"], GAIN=header["GAIN"])
+                extension.header.update(ghost_keywords.get(ota, {}))
+                hdus.append(extension)
         write_atomic(fits.HDUList(hdus), filename)
     return filename
+
+
+def remove_pupil_ghost(results, exposures, outdir, pupilghost, primary):
+    """Divide the pupil ghost out of the combined flat OTAs (their temporary files).
+
+    The ghost is fitted in the OTAs it falls on (:mod:`podi_pupilghosttemplate`):
+    freely, then written as the template ``pupilghost_template___level_<L>__bin<b>.fits``
+    in ``outdir`` (``pupilghost`` True), or as the scale of the template found in
+    ``pupilghost`` (a folder or file). Each corrected OTA's ``binned`` image is
+    renewed for the flat's normalisation.
+
+    Returns
+    -------
+    dict
+        OTA -> keywords of its extension (``PGAFCTD``, ``PGEFCTVX/Y``, ...).
+    """
+    binning, first = exposures[0].binning, exposures[0]
+    rotator = float(np.median([e.rotator for e in exposures]))
+    by_ota = {r["ota"]: r for r in results if r["ota"] in podi_pupilghost.GHOST_OTAS}
+    if not by_ota:
+        logger.warning("-pupilghost: the flats have none of the OTAs %s; no ghost removed",
+                       podi_pupilghost.GHOST_OTAS)
+        return {}
+    template = None
+    if pupilghost is not True:
+        path = Path(pupilghost)
+        if path.is_dir():
+            path = path / pupilghost_template_name(first.level, binning)
+        if not path.is_file():
+            raise CalibrationError(f"-pupilghost={pupilghost}: no template {path.name}")
+        template = podi_pupilghost.read_template(path, min(by_ota))
+        primary.add_history(f"pupil ghost: template {path}")
+    flats = {ota: fits.getdata(r["path"]).astype(np.float32) for ota, r in by_ota.items()}
+    ghost = podi_pupilghosttemplate.fit_flat_ghost(flats, binning, rotator, template)
+    keywords = podi_pupilghosttemplate.remove_flat_ghost(flats, ghost, binning)
+    for ota, image in flats.items():
+        with fits.open(by_ota[ota]["path"], mode="update") as single:
+            single[0].data = image
+        by_ota[ota]["binned"] = bin_image(image, 8)
+    if template is None:
+        name = Path(outdir) / pupilghost_template_name(first.level, binning)
+        podi_pupilghost.write_template(name, ghost.template, sorted(flats), {
+            "FILTER": first.filter, "FLTLEVEL": (first.level, "filter arm level"),
+            "BINNING": binning, "MJD-OBS": float(np.mean([e.mjd for e in exposures])),
+            "NCOMBINE": (len(exposures), "flats the ghost was fitted in")})
+        logger.info("%s: pupil ghost centred at (%.1f, %.1f), inner edge %.0f px", name.name,
+                    *ghost.centre, ghost.template.radius)
+    primary["PGAFCTD"] = (True, "pupil ghost divided out of the OTAs it falls on")
+    primary["PGCNTR_X"] = (round(ghost.centre[0], 2), "ghost centre x (focal plane px)")
+    primary["PGCNTR_Y"] = (round(ghost.centre[1], 2), "ghost centre y (focal plane px)")
+    primary["PGFOUND"] = (ghost.found, "ghost centre found in the flat")
+    if not ghost.found:
+        logger.warning("-pupilghost: the ghost's centre did not converge in the flats; "
+                       "(%.1f, %.1f) used", *ghost.centre)
+    return keywords
 
 
 def map_otas(function, jobs, ncpus=None):
@@ -381,13 +458,14 @@ def make_fringe_template(exposures, outdir, settings, ncpus=None):
 
 
 def make_calibrations(paths, outdir, settings=None, combine="median", binning=None, ncpus=None,
-                      bpm_dir=None, fringe=False):
+                      bpm_dir=None, fringe=False, pupilghost=None):
     """Sort the exposures and build every master they allow; return the files written.
 
     With ``bpm_dir``, bad-pixel region files are also derived from the master dark
     and the first master flat of each binning (:mod:`podi_badpixels`). With
     ``fringe``, object exposures give fringe templates and vectors per filter
-    (:func:`make_fringe_template`), reduced with the masters made here.
+    (:func:`make_fringe_template`), reduced with the masters made here. With
+    ``pupilghost`` the flats have the pupil ghost divided out (see :func:`make_master`).
     """
     settings = settings or ReductionSettings(crosstalk="default")
     outdir = Path(outdir)
@@ -430,7 +508,8 @@ def make_calibrations(paths, outdir, settings=None, combine="median", binning=No
                     continue
                 written.append(make_fringe_template(exposures, outdir, stage_settings, ncpus))
             else:
-                written.append(make_master(kind, exposures, outdir, stage_settings, combine, ncpus))
+                written.append(make_master(kind, exposures, outdir, stage_settings, combine, ncpus,
+                                           pupilghost if kind == "flat" else None))
     if bpm_dir is not None:
         derive_region_files(written, bpm_dir)
     return written
@@ -471,6 +550,10 @@ def build_parser():
                         help="also derive bad-pixel region files from the master dark and flat")
     parser.add_argument("-fringe", action="store_true",
                         help="also build fringe templates and vectors from the object exposures")
+    parser.add_argument("-pupilghost", nargs="?", const=True, default=None, metavar="DIR",
+                        help="divide the pupil ghost out of the flats; bare: fit it and write "
+                             "its template pupilghost_template___level_<L>__bin<b>.fits; "
+                             "=DIR: use the template found there")
     parser.add_argument("-ncpus", type=int, default=None)
     return parser
 
@@ -487,7 +570,7 @@ def main(argv=None):
                                  nonlinearity=args.nonlinearity, gain=args.gain)
     try:
         written = make_calibrations(inputs, outdir, settings, args.combine, args.binning, args.ncpus,
-                                    args.bpm, args.fringe)
+                                    args.bpm, args.fringe, args.pupilghost)
     except (CalibrationError, RawDataError, OSError, ValueError) as error:
         print(f"podi_makecalibrations: error: {error}", file=sys.stderr)
         return 1

@@ -284,11 +284,20 @@ def subtract_scaled(image, data, scale, rows=256, undefined_as_zero=False):
         image[start:start + rows] -= block
 
 
+#: Keywords of a master flat's extension copied to the OTA (podi_makecalibrations -pupilghost).
+PUPIL_GHOST_FLAT_KEYWORDS = ("PGAFCTD", "PGEFCTVX", "PGEFCTVY")
+
+
 def flat(frame, settings):
     """Divide by the master flat; the flat's gain becomes the OTA's gain."""
     if settings.flat is None:
         return
-    data, _, primary = _master(frame, settings.flat, "flat")
+    data, header, primary = _master(frame, settings.flat, "flat")
+    # A flat with the pupil ghost divided out leaves the ghost in the data
+    # (podi_pupilghost subtracts it); the flat says where its ghost was.
+    for key in PUPIL_GHOST_FLAT_KEYWORDS:
+        if key in header:
+            frame.header[key] = (header[key], header.comments[key])
     with np.errstate(divide="ignore", invalid="ignore"):
         frame.image /= data
     response = data[::8, ::8]

@@ -7,7 +7,7 @@ frames, the field's reference catalog ``<exposure>.refcat.fits``.
 
 The forward model is the exact reverse of the reduction::
 
-    electrons (sky + fringes + stars) x flat + dark + cosmic rays  -> Poisson noise
+    electrons (sky + fringes + pupil ghost + stars) x flat + dark + cosmic rays  -> Poisson noise
     -> / cell gain -> inverse nonlinearity -> + bias level, bias structure, read noise
     -> clip at 65535 -> crosstalk (forward matrix) -> clip and round to 16 bits
 
@@ -15,8 +15,8 @@ The camera itself (gains, read noise, bias structure, flat field, dark current, 
 pixels, bad columns, nonlinearity) is fixed by an *instrument seed*, so that bias,
 dark, flat and object exposures of one camera share their signatures as real ones
 do; each exposure's noise, cosmic rays and bias drift come from its own seed.
-Each effect can be switched off (see :class:`Effects`). Later steps (pupil ghost,
-persistence) add functions to :data:`SIGNAL_STEPS`.
+Each effect can be switched off (see :class:`Effects`). Later steps (persistence)
+add functions to :data:`SIGNAL_STEPS`.
 
 Fringes (``--fringes AMPLITUDE``) are light of the night-sky lines interfering in
 the thin CCD: ``AMPLITUDE x sky electrons x P`` is added to the sky of object
@@ -25,6 +25,31 @@ unit pattern (the true fringe template); the truth record holds ``FRNGAMP`` and
 ``FRNGSCL``, the fringe scale in reduced ADU per unit of P. A dithered sequence (``--count N --dither
 ARCSEC``) offsets each exposure's true pointing at random from ``--ra/--dec``, which
 stays the centre of one star field (see :func:`dithered`).
+
+Pupil ghost (``--pupilghost AMPLITUDE``, ``--pupilghost-profile FILE``, ``--rotator
+DEG``): ODI's optics reflect a broad ring of light onto the central OTAs 33/34/43/44.
+It is additive light: in object frames a fraction ``G`` of the sky, in dome flats
+(``DFLAT``) the same fraction of the lamp; it passes through the flat field like the
+sky does (:func:`true_pupilghost`). In focal-plane coordinates (unbinned pixels
+relative to the optical axis, angles in degrees counter-clockwise from +x, as
+:mod:`podi_pupilghost` defines them) the ghost at a point at distance ``r`` (unbinned
+pixels) and angle ``theta`` from the ghost's centre is::
+
+    G = AMPLITUDE x P(r) x (1 + PUPILGHOST_DIPOLE cos(theta - phi)),
+    phi = PUPILGHOST_DIPOLE_ANGLE + ROTSTART
+
+where ``P`` is the radial profile (fraction of the background; linear between the
+tabulated radii, 0 outside them): :data:`PUPILGHOST_PROFILE` or the two-column file
+(radius in 4x4-binned pixels, fraction) of ``--pupilghost-profile``. The ghost's
+centre is :data:`PUPILGHOST_CENTRE` turned by ``ROTSTART`` about the optical axis plus
+a random offset of up to :data:`PUPILGHOST_WOBBLE` pixels on each axis drawn from the
+exposure's seed. WIYN is alt-az: the rotator keeps the sky, and so the WCS, fixed on
+the detector while the telescope optics, and the ghost with them, turn by
+``+ROTSTART``. Each binned pixel holds ``G`` at its centre. The truth record holds the
+ghost's parameters (``PGAMP``, ``PGPEAK``, ``PGCNTR_X/Y``, ``PGRADIUS``, ``PGROTANG``,
+``PGDIPOLE``, ``PGDIPANG``; for object frames ``PGSCALE``, the ghost in reduced ADU
+per unit of the true template ``G``), and :func:`write_true_calibrations` writes the
+true template (:func:`true_pupilghost_template`).
 
 Pixel conventions: OTA arrays are numpy ``[y, x]``, 0-based, at the exposure's
 binning; star positions in the truth record are 0-based pixels of that array.
@@ -48,11 +73,12 @@ from astropy.wcs import WCS
 
 import podi_crosstalk
 import podi_nonlinearity
+import podi_pupilghost
 import podi_wcs
-from podi_calibfiles import master_name
+from podi_calibfiles import master_name, pupilghost_template_name
 from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, cell_extname,
-                              cell_geometry, cell_origin, cell_to_ota, fppos_for_ota,
-                              layout_by_name, ota_origin_in_focal_plane,
+                              cell_geometry, cell_origin, cell_to_ota, filter_level,
+                              fppos_for_ota, layout_by_name, ota_origin_in_focal_plane,
                               otas_to_normalize_flat)
 from podi_makecalibrations import (flat_normalisation_level, fringe_primary, master_extension,
                                    master_primary)
@@ -85,6 +111,35 @@ _FILTER_ARM = {"odi_g": "FLTARM1A", "odi_r": "FLTARM1B", "odi_i": "FLTARM2A",
 #: Radius (degrees) of the simulated star field around the pointing: covers both
 #: focal planes with room for pointing errors.
 FIELD_RADIUS = 0.85
+
+#: Built-in radial profile of the pupil ghost, an approximation of the measured odi_r
+#: profile: (radius from the ghost's centre in unbinned pixels, ghost light as a
+#: fraction of the background). Linear in between, 0 outside.
+PUPILGHOST_PROFILE = ((1100, 0.0), (1180, 0.0007), (1260, 0.0043), (1300, 0.0166),
+                      (1400, 0.0236), (1500, 0.0280), (1660, 0.0318), (1900, 0.0335),
+                      (2100, 0.0320), (2300, 0.0281), (2500, 0.0247), (2700, 0.0218),
+                      (2900, 0.0190), (3100, 0.0159), (3180, 0.0125), (3260, 0.0069),
+                      (3340, 0.0030), (3460, 0.0009), (3620, 0.0))
+
+#: Binning of the radii in pupil-ghost profile files (like the real
+#: ``pupilghost__<FILTER>.profile``).
+PROFILE_FILE_BINNING = 4
+
+#: Focal-plane position (unbinned pixels) of the ghost's centre at rotator angle 0;
+#: the rotator turns it about the optical axis.
+PUPILGHOST_CENTRE = (30.0, -20.0)
+
+#: Half-width (unbinned pixels) of the uniform random offset of the ghost's centre on
+#: each axis, drawn per exposure: the optics do not come back to the same place
+#: night after night.
+PUPILGHOST_WOBBLE = 8.0
+
+#: Relative amplitude of the ghost's dipole (one side brighter than the other).
+PUPILGHOST_DIPOLE = 0.1
+
+#: Direction of the dipole's bright side at rotator angle 0 (degrees from +x,
+#: counter-clockwise); it turns with the rotator, so that a template must be turned too.
+PUPILGHOST_DIPOLE_ANGLE = 40.0
 
 
 @dataclass
@@ -129,6 +184,9 @@ class ExposureSpec:
     moffat_beta: float = 3.5
     sky_rate: float = None      # e-/s/unbinned pixel; None: filter default
     fringe_amplitude: float = 0.0  # fringe light per unit of the pattern, in units of the sky
+    rotator_angle: float = 0.0  # ROTSTART = ROTEND; turns the optics (pupil ghost), not the WCS
+    pupilghost: float = 0.0     # pupil-ghost amplitude: multiplier of the radial profile; 0: none
+    pupilghost_profile: str = None  # profile file (radius in 4x4-binned px, fraction); None: built-in
     flat_level: float = 30000.0  # DFLAT lamp level, ADU at the nominal gain
     airmass: float = 1.1
     object_name: str = "simulated field"
@@ -405,6 +463,238 @@ def reference_catalog(stars, rng, limit=22.0):
     return out
 
 
+# --- The pupil ghost ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PupilGhost:
+    """The pupil ghost of one exposure (see the module docstring).
+
+    Attributes
+    ----------
+    amplitude : float
+        Multiplier of the radial profile (0: no ghost).
+    radii : numpy.ndarray
+        Radii of the tabulated profile (unbinned pixels from the ghost's centre),
+        increasing.
+    profile : numpy.ndarray
+        Radial profile ``P`` at ``radii``: fraction of the background.
+    rotator : float
+        Rotator angle ``ROTSTART`` (degrees).
+    nominal_centre : (float, float)
+        :data:`PUPILGHOST_CENTRE` turned by the rotator angle (focal plane, unbinned pixels).
+    centre : (float, float)
+        The exposure's true centre: the nominal one plus the random offset.
+    """
+
+    amplitude: float
+    radii: np.ndarray
+    profile: np.ndarray
+    rotator: float
+    nominal_centre: tuple
+    centre: tuple
+
+    @property
+    def dipole_angle(self):
+        """Direction ``phi`` of the dipole's bright side (degrees, in [0, 360))."""
+        return (PUPILGHOST_DIPOLE_ANGLE + self.rotator) % 360
+
+    @property
+    def peak(self):
+        """Peak of the radial profile times the amplitude (fraction, dipole excluded)."""
+        return self.amplitude * float(self.profile.max())
+
+    @property
+    def inner_radius(self):
+        """Inner edge: first radius where ``P`` reaches half its maximum (unbinned pixels)."""
+        half = self.profile.max() / 2
+        i = int(np.argmax(self.profile >= half))
+        if i == 0:
+            return float(self.radii[0])
+        r0, r1, p0, p1 = self.radii[i - 1], self.radii[i], self.profile[i - 1], self.profile[i]
+        return float(r0 + (half - p0) / (p1 - p0) * (r1 - r0))
+
+    @property
+    def outer_radius(self):
+        """The ghost is 0 beyond this distance from its centre (unbinned pixels)."""
+        return float(self.radii[-1])
+
+    def fraction(self, dx, dy):
+        """Ghost light ``G`` as a fraction of the background.
+
+        Parameters
+        ----------
+        dx, dy : array_like
+            Focal-plane offsets from the ghost's centre (unbinned pixels).
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 ``G``, the amplitude and the dipole included.
+        """
+        dx, dy = np.asarray(dx, float), np.asarray(dy, float)
+        r = np.hypot(dx, dy)
+        radial = np.interp(r, self.radii, self.profile, left=0.0, right=0.0)
+        phi = math.radians(self.dipole_angle)
+        # cos(theta - phi) = (dx cos phi + dy sin phi) / r; P is 0 at r = 0 anyway.
+        cosine = np.divide(dx * math.cos(phi) + dy * math.sin(phi), r, out=np.zeros_like(r), where=r > 0)
+        return self.amplitude * radial * (1 + PUPILGHOST_DIPOLE * cosine)
+
+
+def read_pupilghost_profile(path):
+    """Radial pupil-ghost profile from a two-column text file.
+
+    Parameters
+    ----------
+    path : str or Path
+        Lines ``radius fraction`` with the radius in 4x4-binned pixels
+        (:data:`PROFILE_FILE_BINNING`), increasing; blank lines and ``#`` comments
+        are skipped.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        Radii in unbinned pixels and the fractions of the background.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read.
+    ValueError
+        The file is not such a profile (the message names it).
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise OSError(f"cannot read pupil-ghost profile {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"pupil-ghost profile {path} is not a text file") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#")[0].split()
+        if not words:
+            continue
+        try:
+            radius, fraction = (float(word) for word in words)
+        except ValueError:
+            raise ValueError(f"pupil-ghost profile {path}, line {number}: expected 'radius fraction', "
+                             f"got {line.strip()!r}") from None
+        rows.append((radius * PROFILE_FILE_BINNING, fraction))
+    table = np.array(rows, dtype=float).reshape(-1, 2)
+    if len(table) < 2 or not np.all(np.isfinite(table)) or np.any(np.diff(table[:, 0]) <= 0) \
+            or table[0, 0] < 0:
+        raise ValueError(f"pupil-ghost profile {path}: needs at least two rows of finite values "
+                         "with radii >= 0 increasing")
+    if table[-1, 0] > podi_pupilghost.GHOST_OUTER_RADIUS:
+        # Templates end there: light beyond could never be removed.
+        raise ValueError(f"pupil-ghost profile {path} reaches {table[-1, 0]:g} unbinned px, beyond "
+                         f"the {podi_pupilghost.GHOST_OUTER_RADIUS:g} px of a template")
+    return table[:, 0], table[:, 1]
+
+
+def pupil_ghost(spec):
+    """The pupil ghost of an exposure: profile, amplitude, rotator angle and centre.
+
+    Parameters
+    ----------
+    spec : ExposureSpec
+        ``pupilghost``, ``pupilghost_profile``, ``rotator_angle``; ``seed`` draws
+        the offset of the centre.
+
+    Returns
+    -------
+    PupilGhost
+
+    Raises
+    ------
+    OSError, ValueError
+        ``spec.pupilghost_profile`` cannot be read or is no profile.
+    """
+    if spec.pupilghost_profile is None:
+        radii, profile = (np.array(column, dtype=float) for column in zip(*PUPILGHOST_PROFILE))
+    else:
+        radii, profile = read_pupilghost_profile(spec.pupilghost_profile)
+    angle = math.radians(spec.rotator_angle)
+    x, y = PUPILGHOST_CENTRE
+    nominal = (x * math.cos(angle) - y * math.sin(angle), x * math.sin(angle) + y * math.cos(angle))
+    offset = np.random.default_rng([spec.seed, 17]).uniform(-PUPILGHOST_WOBBLE, PUPILGHOST_WOBBLE, 2)
+    return PupilGhost(spec.pupilghost, radii, profile, spec.rotator_angle, nominal,
+                      (nominal[0] + float(offset[0]), nominal[1] + float(offset[1])))
+
+
+def _ghost_background(spec):
+    """Electrons per pixel of the light the ghost is a fraction of: sky or lamp (0: none)."""
+    if spec.obstype == "OBJECT":
+        return sky_electrons(spec)
+    if spec.obstype == "DFLAT":
+        return spec.flat_level * NOMINAL_GAIN
+    return 0.0
+
+
+def true_pupilghost(spec, ota):
+    """Electrons of the pupil ghost on one OTA before the flat field.
+
+    A reduced frame holds the ghost in ADU as this times the master flat's level
+    ``FLATNRMA``, just as :func:`true_signal`.
+
+    Parameters
+    ----------
+    spec : ExposureSpec
+    ota : int
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 OTA array ``[y, x]`` at ``spec.binning``: ``G`` at each pixel's centre
+        times the sky (object frames) or lamp (dome flats) in electrons per pixel;
+        zeros without a ghost or where it does not fall.
+    """
+    binning = spec.binning
+    size = cell_geometry(binning).ota_size
+    image = np.zeros((size, size), np.float32)
+    background = _ghost_background(spec)
+    if spec.pupilghost <= 0 or background == 0:
+        return image
+    ghost = pupil_ghost(spec)
+    # Only the pixels within the ghost's outer radius of its centre can hold light.
+    (cx, cy), reach = ghost.centre, ghost.outer_radius
+    (x_lo, x_hi), (y_lo, y_hi) = podi_pupilghost.focal_plane_to_pixel(
+        ota, binning, np.array([cx - reach, cx + reach]), np.array([cy - reach, cy + reach]))
+    x0, x1 = max(0, math.floor(x_lo)), min(size, math.ceil(x_hi) + 1)
+    y0, y1 = max(0, math.floor(y_lo)), min(size, math.ceil(y_hi) + 1)
+    if x0 >= x1 or y0 >= y1:
+        return image
+    x, y = podi_pupilghost.pixel_to_focal_plane(ota, binning, np.arange(x0, x1), np.arange(y0, y1))
+    # In bands of rows: float64 temporaries of the whole box take ~0.5 GB unbinned.
+    band = 256
+    for start in range(0, y1 - y0, band):
+        dy = (y[start:start + band] - cy)[:, None]
+        image[y0 + start:y0 + start + dy.shape[0], x0:x1] = ghost.fraction((x - cx)[None, :], dy) * background
+    return image
+
+
+def true_pupilghost_template(spec):
+    """The true pupil-ghost template of an exposure's optics.
+
+    The ghost fraction ``G`` (amplitude ``spec.pupilghost``, dipole at
+    ``spec.rotator_angle``) on a square grid of :data:`podi_pupilghost.TEMPLATE_STEP`
+    unbinned pixels whose middle pixel is the ghost's centre, out to
+    :data:`podi_pupilghost.GHOST_OUTER_RADIUS`.
+
+    Returns
+    -------
+    podi_pupilghost.GhostTemplate
+        Centred on the nominal centre of ``spec.rotator_angle`` (the random offset
+        of one exposure is no part of the optics), with the profile's inner edge.
+    """
+    ghost = pupil_ghost(spec)
+    step = podi_pupilghost.TEMPLATE_STEP
+    half = math.ceil(podi_pupilghost.GHOST_OUTER_RADIUS / step)
+    offsets = step * np.arange(-half, half + 1, dtype=float)
+    image = ghost.fraction(offsets[None, :], offsets[:, None]).astype(np.float32)
+    return podi_pupilghost.GhostTemplate(image, step=step, centre=ghost.nominal_centre,
+                                         rotator=spec.rotator_angle, radius=ghost.inner_radius)
+
+
 # --- One OTA ----------------------------------------------------------------------
 
 def render_stars(image, x, y, flux, fwhm_px, beta):
@@ -425,11 +715,18 @@ def render_stars(image, x, y, flux, fwhm_px, beta):
         image[y0:y1, x0:x1] += (f * norm * stamp).astype(np.float32)
 
 
-def _sky_signal(spec, instrument, ota, wcs, stars):
-    """Electrons from the sky, its fringes and the stars (before the flat), and star truth."""
+def _sky_signal(spec, instrument, ota, wcs, stars, ghost=True):
+    """Electrons of light (before the flat) and the star truth of one OTA.
+
+    Sky, its fringes and the stars of object frames, the lamp of dome flats, and the
+    pupil ghost of either unless ``ghost`` is False.
+    """
     size = cell_geometry(spec.binning).ota_size
     image = np.zeros((size, size), np.float32)
     truth = Table(names=("index", "x", "y", "flux"), dtype=(int, float, float, float))
+    if ghost and spec.pupilghost > 0:
+        # Reflected sky or lamp light (none in other frames).
+        image += true_pupilghost(spec, ota)
     if spec.obstype == "DFLAT":
         # The lamp lights every OTA alike: flat_level ADU at the nominal gain.
         image += np.float32(spec.flat_level * NOMINAL_GAIN)
@@ -456,12 +753,13 @@ def _sky_signal(spec, instrument, ota, wcs, stars):
 def true_signal(spec, ota):
     """Electrons from sky, fringes and stars of one OTA before the flat field (the truth image).
 
-    A reduced frame in ADU equals this times the master flat's level ``FLATNRMA``.
+    Without the pupil ghost (:func:`true_pupilghost`): a reduced frame in ADU equals
+    this (plus the ghost) times the master flat's level ``FLATNRMA``.
     """
     layout = layout_by_name(spec.layout)
     wcs = WCS(true_ota_wcs(spec, ota))
     image, _ = _sky_signal(spec, Instrument(layout, spec.instrument_seed, spec.effects), ota, wcs,
-                           star_field(spec))
+                           star_field(spec), ghost=False)
     return image
 
 
@@ -642,13 +940,11 @@ def _primary_cards(spec, header_ra, header_dec, obsid):
     cards["EQUINOX"] = 2000.0
     cards["AIRMASS"] = spec.airmass
     cards["ZD"] = math.degrees(math.acos(1 / spec.airmass))
-    cards["ROTSTART"] = 0.0
-    cards["ROTEND"] = 0.0
+    # The rotator holds the sky still on the detector: the angle turns the optics only.
+    cards["ROTSTART"] = (float(spec.rotator_angle), "deg")
+    cards["ROTEND"] = (float(spec.rotator_angle), "deg")
     cards["ROTOFF"] = 0.0
-    for level in (1, 2, 3):
-        for arm in "ABC":
-            key = f"FLTARM{level}{arm}"
-            cards[key] = "IN" if _FILTER_ARM.get(spec.filter) == key else "OUT"
+    cards.update(_filter_arm_cards(spec.filter))
     cards["CCDBIN1"] = spec.binning
     cards["CCDBIN2"] = spec.binning
     cards["CCDSUM"] = f"{spec.binning} {spec.binning}"
@@ -668,6 +964,12 @@ def _primary_cards(spec, header_ra, header_dec, obsid):
     cards["WAT1_001"] = "wtype=zpx axtype=ra projp1=1. projp3=220."
     cards["WAT2_001"] = "wtype=zpx axtype=dec projp1=1. projp3=220."
     return cards
+
+
+def _filter_arm_cards(filter_name):
+    """``FLTARM<level><arm>`` cards: ``IN`` for the filter's arm, ``OUT`` for the others."""
+    return {f"FLTARM{level}{arm}": "IN" if _FILTER_ARM.get(filter_name) == f"FLTARM{level}{arm}" else "OUT"
+            for level in (1, 2, 3) for arm in "ABC"}
 
 
 def exposure_name(spec):
@@ -697,6 +999,10 @@ def simulate_exposure(spec, outdir, ncpus=None):
     unknown = set(otas) - set(layout.otas)
     if unknown:
         raise ValueError(f"OTAs {sorted(unknown)} do not exist in layout {layout.name}")
+    if spec.pupilghost < 0:
+        raise ValueError(f"pupil-ghost amplitude {spec.pupilghost} is negative")
+    # Read the ghost's profile file now: a bad one fails before anything is written.
+    ghost = pupil_ghost(spec)
     outdir = Path(outdir)
     name = exposure_name(spec)
     directory = outdir / name
@@ -722,7 +1028,7 @@ def simulate_exposure(spec, outdir, ncpus=None):
         with ProcessPoolExecutor(workers) as pool:
             results = list(pool.map(simulate_ota, *zip(*jobs)))
     write_truth(outdir / f"{name}.truth.fits", spec, otas, stars, results, wcs_headers,
-                (hdr_ra, hdr_dec))
+                (hdr_ra, hdr_dec), ghost)
     if spec.obstype == "OBJECT":
         rng = np.random.default_rng([spec.seed, 99])
         reference_catalog(stars, rng).write(outdir / f"{name}.refcat.fits", overwrite=True)
@@ -830,13 +1136,20 @@ def write_true_calibrations(spec, outdir, gain=False):
         ``spec.fringe_amplitude > 0`` the fringe template ``fringe__<FILTER>.fits`` is
         written too: per OTA the unit pattern P (:meth:`Instrument.fringe_pattern`),
         i.e. ``(image - sky) / sky`` of fringe light with amplitude 1, at ``spec.binning``.
+        With ``spec.pupilghost > 0`` the true pupil-ghost template
+        (:func:`true_pupilghost_template`) is written too, under
+        :func:`podi_calibfiles.pupilghost_template_name` of the filter's arm level and
+        ``spec.binning``, with an extension for each simulated ghost OTA (all of
+        :data:`podi_pupilghost.GHOST_OTAS` if none is simulated); the flat's ghost
+        OTAs then carry ``PGAFCTD = T``: the true flat is free of the ghost, as a
+        pupil-ghost-corrected master flat is.
     gain : bool
         Masters for data in electrons (``-gain``) instead of ADU.
 
     Returns
     -------
     dict
-        ``bias``, ``dark``, ``flat`` (and ``fringe``) -> Path.
+        ``bias``, ``dark``, ``flat`` (and ``fringe``, ``pupilghost``) -> Path.
     """
     Path(outdir).mkdir(parents=True, exist_ok=True)
     layout = layout_by_name(spec.layout)
@@ -864,20 +1177,36 @@ def write_true_calibrations(spec, outdir, gain=False):
     if spec.fringe_amplitude > 0:
         images["fringe"] = {ota: instrument.fringe_pattern(ota, spec.binning) for ota in otas}
         primaries["fringe"] = fringe_primary(spec.binning, spec.mjd, spec.filter)
+    ghost_otas = [ota for ota in otas if ota in podi_pupilghost.GHOST_OTAS]
+    # The true flat is free of the ghost, as a pupil-ghost-corrected master flat is.
+    ghost_free = {"PGAFCTD": (True, "pupil ghost removed")} if spec.pupilghost > 0 else {}
     written = {}
     for kind, by_ota in images.items():
         primary = primaries[kind]
         primary["TRUTH"] = (True, "made from the simulator's truth")
         hdus = [fits.PrimaryHDU(header=primary)] + \
-            [master_extension(ota, data) for ota, data in by_ota.items()]
+            [master_extension(ota, data, **(ghost_free if kind == "flat" and ota in ghost_otas else {}))
+             for ota, data in by_ota.items()]
         path = Path(outdir) / master_name(kind, spec.binning, spec.filter)
         write_atomic(fits.HDUList(hdus), path)
         written[kind] = path
+    if spec.pupilghost > 0:
+        level = filter_level(_filter_arm_cards(spec.filter))
+        path = Path(outdir) / pupilghost_template_name(level, spec.binning)
+        podi_pupilghost.write_template(
+            path, true_pupilghost_template(spec), otas=ghost_otas or podi_pupilghost.GHOST_OTAS,
+            primary_cards={"FILTER": spec.filter, "FLTLEVEL": (level, "filter arm level"),
+                           "BINNING": spec.binning, "MJD-OBS": spec.mjd,
+                           "TRUTH": (True, "made from the simulator's truth")})
+        written["pupilghost"] = path
     return written
 
 
-def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointing):
-    """Write the truth record of an exposure (see module docstring)."""
+def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointing, ghost):
+    """Write the truth record of an exposure (see module docstring).
+
+    ``ghost`` is the exposure's :class:`PupilGhost`.
+    """
     primary = fits.PrimaryHDU()
     h = primary.header
     h["OBSTYPE"] = spec.obstype
@@ -912,6 +1241,18 @@ def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointi
         h["SKY_ADU"] = (sky_e * norm_adu, "true sky in reduced ADU")
         h["FRNGAMP"] = (spec.fringe_amplitude, "fringe light per unit pattern / sky")
         h["FRNGSCL"] = (spec.fringe_amplitude * h["SKY_ADU"], "reduced ADU per unit pattern")
+    if spec.obstype in ("OBJECT", "DFLAT"):
+        h["PGAMP"] = (ghost.amplitude, "pupil-ghost amplitude (x radial profile)")
+        h["PGPEAK"] = (ghost.peak, "ghost profile peak / background (no dipole)")
+        h["PGCNTR_X"] = (ghost.centre[0], "true ghost centre x (focal plane px)")
+        h["PGCNTR_Y"] = (ghost.centre[1], "true ghost centre y (focal plane px)")
+        h["PGRADIUS"] = (ghost.inner_radius, "ghost inner edge, half max (unbinned px)")
+        h["PGROTANG"] = (ghost.rotator, "ROTSTART (deg)")
+        h["PGDIPOLE"] = (PUPILGHOST_DIPOLE, "relative amplitude of the ghost's dipole")
+        h["PGDIPANG"] = (ghost.dipole_angle, "direction of the dipole's bright side (deg)")
+    if spec.obstype == "OBJECT":
+        # Reduced ghost = sky_e G FLATNRMA = SKY_ADU G, and the true template is G.
+        h["PGSCALE"] = (h["SKY_ADU"], "reduced ADU per unit of the true ghost template")
     on_otas = vstack([r["stars"] for r in results])
     index = np.asarray(on_otas["index"], int)
     star_table = Table({"ra": stars["ra"][index], "dec": stars["dec"][index],
@@ -959,6 +1300,14 @@ def build_parser():
                         help="add the camera's fringe pattern (rms 1) times AMPLITUDE x sky "
                              "to object frames")
     parser.add_argument("--flat-level", type=float, default=30000.0, help="DFLAT level (ADU)")
+    parser.add_argument("--rotator", type=float, default=0.0, metavar="DEG",
+                        help="rotator angle ROTSTART: turns the optics and the pupil ghost, not the sky")
+    parser.add_argument("--pupilghost", type=float, default=0.0, metavar="AMPLITUDE",
+                        help="add the pupil ghost, AMPLITUDE x radial profile x sky (object frames) "
+                             "or lamp (DFLAT)")
+    parser.add_argument("--pupilghost-profile", default=None, metavar="FILE",
+                        help="radial pupil-ghost profile: lines 'radius fraction', radius in 4x4-binned "
+                             "pixels (default: built-in, like odi_r)")
     parser.add_argument("--crosstalk", default=None, help="crosstalk matrix file (XTALK.FWD)")
     parser.add_argument("--ncpus", type=int, default=None)
     parser.add_argument("--write-nonlinearity", metavar="DIR", default=None,
@@ -979,7 +1328,8 @@ def spec_from_args(args):
                         ra=args.ra, dec=args.dec, pointing_error=error,
                         rotator_error=args.rotator_error, star_density=args.star_density,
                         fwhm=args.fwhm, sky_rate=args.sky, fringe_amplitude=args.fringes,
-                        flat_level=args.flat_level,
+                        flat_level=args.flat_level, rotator_angle=args.rotator,
+                        pupilghost=args.pupilghost, pupilghost_profile=args.pupilghost_profile,
                         crosstalk_file=args.crosstalk, effects=effects)
 
 
