@@ -706,8 +706,8 @@ class PupilGhostCorrection:
         header["PGREG_Y2"] = (region[0].stop, "last row the ghost was subtracted from")
         header["PGSCALNG"] = (header_number(fit.scale), "scale of the subtracted template")
         header["PGROTANG"] = (fit.angle, "template turned by (deg)")
-        frame.record(self.name, f"subtracted {fit.scale:.4g} x {Path(self.template_file).name} "
-                                f"at ({fit.centre[0]:.1f}, {fit.centre[1]:.1f}) turned {fit.angle:g} deg")
+        frame.record(self.name, f"{fit.scale:.5g} x template at ({fit.centre[0]:.1f}, "
+                                f"{fit.centre[1]:.1f}), turned {fit.angle:g} deg")
 
     def _note(self, frame, reason, quiet=False):
         """Record why the OTA takes no part; returns None (no measurement)."""

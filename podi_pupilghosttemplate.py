@@ -142,8 +142,12 @@ def _solve(design, values):
     for _ in range(2):
         used = design[keep]
         normal = (used.T @ used).toarray()
-        # Radial bins no block falls in have empty columns: a tiny ridge makes them 0.
-        normal[np.diag_indices_from(normal)] += 1e-9 * max(normal.trace(), 1.0)
+        # Radial bins no block falls in have empty columns: a ridge there makes them 0.
+        # Any ridge on the other columns would pull the fit's weakest mode (the ghost
+        # against the cells inside its ring) towards an answer that depends on the
+        # flat's units.
+        diagonal = np.diag_indices_from(normal)
+        normal[diagonal] += np.where(normal[diagonal] > 0, 0.0, 1.0)
         coefficients = np.linalg.solve(normal, used.T @ values[keep])
         residual = values - design @ coefficients
         sigma = 1.4826 * np.median(np.abs(residual[keep]))
