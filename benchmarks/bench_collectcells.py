@@ -1,7 +1,7 @@
 """Benchmark: podi_collectcells on a full 13-OTA pODI exposure (run by hand).
 
     python benchmarks/bench_collectcells.py [--ncpus N] [--repeat N] [--fixwcs] [--photcalib]
-        [--plots] [--fringe]
+        [--plots] [--fringe] [--pupilghost]
 
 Simulates once (cached in benchmarks/cache/) a full unbinned exposure with every
 effect and ~5,000 detectable stars, perfect masters in electrons and the camera's
@@ -12,7 +12,9 @@ point as well (both without QA plots), ``--plots`` with the QA plots of the last
 these, and prints what each adds and how many sources the catalog holds.
 ``--fringe`` times a second cached exposure (odi_i, fringes of 2 % of the sky, its
 perfect template and vectors) with and without ``-fringe``: what the measure and
-apply phases add. Every run reports wall time and CPU-seconds (user + system of
+apply phases add. ``--pupilghost`` does the same with a third cached exposure
+(odi_r, the pupil ghost at rotator angle 15 degrees, its true template made at 0)
+and ``-pupilghost``. Every run reports wall time and CPU-seconds (user + system of
 all its processes); the floor (``floor.py``: read, overscan, place cells, write)
 is timed in the same run. Also printed: the time of each stage (from one OTA
 reduced in this process) and the peak memory of the whole run.
@@ -39,6 +41,8 @@ CACHE = HERE / "cache" / "density7500"
 SPEC = ExposureSpec(seed=42, mjd=56620.2, star_density=7500.0)
 FRINGE_CACHE = HERE / "cache" / "fringe"
 FRINGE_SPEC = ExposureSpec(seed=43, mjd=56620.25, filter="odi_i", fringe_amplitude=0.02)
+GHOST_CACHE = HERE / "cache" / "pupilghost"
+GHOST_SPEC = ExposureSpec(seed=44, mjd=56620.27, pupilghost=1.0, rotator_angle=15.0)
 
 
 def prepare():
@@ -71,6 +75,26 @@ def prepare_fringe():
                 vectors = podi_fringetemplate.choose_fringe_vectors(np.asarray(hdu.data), 1)
                 podi_fringetemplate.write_fringe_vectors(cals / fringe_vectors_name("odi_i", ota), vectors)
     return exposures[0], cals
+
+
+def prepare_pupilghost():
+    """The cached pupil-ghost exposure and its calibration folder (true template at rotator 0)."""
+    import dataclasses
+    exposures = sorted(GHOST_CACHE.glob("o*.1")) if GHOST_CACHE.is_dir() else []
+    cals = GHOST_CACHE / "cals"
+    if not exposures or not any(cals.glob("pupilghost_template*")):
+        exposures = [simulate_exposure(GHOST_SPEC, GHOST_CACHE)]
+        write_true_calibrations(dataclasses.replace(GHOST_SPEC, rotator_angle=0.0), cals, gain=True)
+    return exposures[0], cals
+
+
+def correction_runs(name, exposure, cals, flag, flags, output, repeat):
+    """Time an exposure without and with one frame-wide correction's flag; print what it adds."""
+    plain_flags = [f"-cals={cals}", "-gain", "-bpm=auto"] + flags[4:]
+    plain = collectcells_runs(exposure, output, plain_flags, repeat)
+    corrected = collectcells_runs(exposure, output, plain_flags + [flag], repeat)
+    print(f"{name}: {corrected[0]:.2f} s wall, {corrected[1]:.2f} CPU-s; adds "
+          f"{corrected[0] - plain[0]:.2f} s and {corrected[1] - plain[1]:.2f} CPU-s")
 
 
 def stage_profile(exposure, cals, flags):
@@ -140,6 +164,7 @@ def main():
     parser.add_argument("--plots", action="store_true",
                         help="also time the QA plots (implies --fixwcs)")
     parser.add_argument("--fringe", action="store_true", help="also time -fringe")
+    parser.add_argument("--pupilghost", action="store_true", help="also time -pupilghost")
     args = parser.parse_args()
     exposure, cals = prepare()
     output = CACHE / "reduced.fits"
@@ -153,16 +178,21 @@ def main():
     print(f"reduction: {base[0]:.2f} s wall, {base[1]:.2f} CPU-s (best of {args.repeat})")
     if args.fringe:
         fringe_exposure, fringe_cals = prepare_fringe()
-        fringe_flags = [f"-cals={fringe_cals}", "-gain", "-bpm=auto"] + flags[4:]
-        plain = collectcells_runs(fringe_exposure, output, fringe_flags, args.repeat)
-        fringe = collectcells_runs(fringe_exposure, output, fringe_flags + [f"-fringe={fringe_cals}"],
-                                   args.repeat)
+        correction_runs("-fringe", fringe_exposure, fringe_cals, f"-fringe={fringe_cals}", flags, output,
+                        args.repeat)
         # The true scale in the output's unit (electrons with -gain): FRNGAMP x sky.
         true_scale = (fits.getval(next(FRINGE_CACHE.glob("*.truth.fits")), "FRNGAMP")
                       * fits.getval(output, "SKYLEVEL"))
-        print(f"-fringe: {fringe[0]:.2f} s wall, {fringe[1]:.2f} CPU-s; adds {fringe[0] - plain[0]:.2f} s "
-              f"and {fringe[1] - plain[1]:.2f} CPU-s (FRNG_SCL {fits.getval(output, 'FRNG_SCL'):.2f}, "
-              f"true {true_scale:.2f})")
+        print(f"  FRNG_SCL {fits.getval(output, 'FRNG_SCL'):.2f}, true {true_scale:.2f}")
+    if args.pupilghost:
+        ghost_exposure, ghost_cals = prepare_pupilghost()
+        correction_runs("-pupilghost", ghost_exposure, ghost_cals, f"-pupilghost={ghost_cals}", flags,
+                        output, args.repeat)
+        truth, header = fits.getheader(next(GHOST_CACHE.glob("*.truth.fits"))), fits.getheader(output)
+        # The template has the exposure's amplitude: the true scale is the sky level.
+        print(f"  PUPLGFAC / SKYLEVEL {header['PUPLGFAC'] / header['SKYLEVEL']:.4f} (true 1); centre "
+              f"({header['PUPLGCX']:.1f}, {header['PUPLGCY']:.1f}), true ({truth['PGCNTR_X']:.1f}, "
+              f"{truth['PGCNTR_Y']:.1f})")
     # Each step adds to the one before; the last turns the QA plots on.
     steps = []
     if args.fixwcs or args.photcalib or args.plots:

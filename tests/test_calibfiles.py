@@ -49,7 +49,7 @@ def test_nothing_asked_for():
     assert resolve() == {
         "bias": None, "dark": None, "flat": None, "bpm": None, "nonlinearity": None,
         "wcs": str(REPO / "wcs" / "podi" / "podi_model.fits"), "crosstalk": "default",
-        "fringe": None, "fringevectors": None,
+        "fringe": None, "fringevectors": None, "pupilghost": None,
     }
 
 
@@ -259,3 +259,39 @@ def test_missing_fringe_files_are_errors(tmp_path, flags, message):
     touch(tmp_path / "fringe__r odi.fits")
     with pytest.raises(CalibrationNotFound, match=message):
         resolve(*(flag.format(tmp=tmp_path) for flag in flags))
+
+
+# --- pupil-ghost templates ------------------------------------------------------------
+
+#: The header with filter arm 1B in: level 1.
+LEVEL1 = {**HEADER, "FLTARM1A": "OUT", "FLTARM1B": "IN"}
+
+
+def test_pupilghost_folder_gives_the_template_of_the_level_and_binning(tmp_path):
+    template = touch(tmp_path / "pupilghost_template___level_1__bin2.fits")
+    touch(tmp_path / "pupilghost_template___level_2__bin2.fits")
+    assert resolve(f"-pupilghost={tmp_path}", header=LEVEL1)["pupilghost"] == str(template)
+    assert resolve(f"-pupilghost={template}", header=LEVEL1)["pupilghost"] == str(template)
+    assert resolve(f"-cals={tmp_path}", "-pupilghost", "-bias=none", "-dark=none", "-flat=none",
+                   header=LEVEL1)["pupilghost"] == str(template)
+
+
+def test_pupilghost_of_the_other_binning_serves_with_a_warning(tmp_path, caplog):
+    template = touch(tmp_path / "pupilghost_template___level_1__bin1.fits")
+    assert resolve(f"-pupilghost={tmp_path}", header=LEVEL1)["pupilghost"] == str(template)
+    assert "no template for binning 2" in caplog.text
+
+
+def test_level_without_pupilghost_template_leaves_the_ghost(tmp_path, caplog):
+    touch(tmp_path / "pupilghost_template___level_2__bin2.fits")
+    assert resolve(f"-pupilghost={tmp_path}", header=LEVEL1)["pupilghost"] is None
+    assert "no template for filter level 1" in caplog.text
+    caplog.clear()
+    assert resolve(f"-pupilghost={tmp_path}")["pupilghost"] is None  # no arm in: level 0
+    assert "no template for filter level 0" in caplog.text
+
+
+def test_missing_pupilghost_path_or_bare_flag_without_cals(tmp_path):
+    assert error_of(f"-pupilghost={tmp_path / 'nothere'}") == \
+        f"-pupilghost={tmp_path / 'nothere'}: no such file or folder"
+    assert error_of("-pupilghost") == "-pupilghost without a folder needs -cals=DIR"

@@ -220,8 +220,8 @@ def test_overscan_method_is_checked():
 
 
 def test_several_unavailable_flags_are_named_together():
-    with pytest.raises(NotAvailableError, match="^-persistency, -pupilghost are not available yet$"):
-        parse("-persistency", "-gain", "-pupilghost=/pg")
+    with pytest.raises(NotAvailableError, match="^-persistency, -nonsidereal are not available yet$"):
+        parse("-persistency", "-gain", "-nonsidereal=1,2,56000")
     assert issubclass(NotAvailableError, OptionError) and issubclass(OptionError, ValueError)
 
 
@@ -230,9 +230,14 @@ def test_fringe_flags_take_paths():
     assert (options["fringe"], options["fringevectors"]) == ("/cals", "/cals/vectors")
 
 
+def test_pupilghost_takes_a_path_or_means_the_cals_folder():
+    assert parse("-pupilghost=/cals/pg")["pupilghost"] == "/cals/pg"
+    assert parse("-pupilghost")["pupilghost"] == "auto"
+
+
 def test_other_option_errors_come_before_not_available():
     with pytest.raises(OptionError, match="-ncpus=0"):
-        parse("-pupilghost", "-ncpus=0")
+        parse("-persistency", "-ncpus=0")
 
 
 # --- values ------------------------------------------------------------------------
