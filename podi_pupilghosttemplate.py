@@ -218,15 +218,15 @@ def fit_flat_ghost(flats, binning, rotator, template=None, centre=(0.0, 0.0)):
                     for n, ota in enumerate(sorted(flats))]
         fit = pg.fit_ghost(profiles, {ota: fitted for ota in flats}, angle)
         if not fit.found:
-            logger.warning("pupil ghost: centre not found in the flat; kept (%.1f, %.1f)", *centre)
             break
-        moved = math.hypot(fit.centre[0] - centre[0], fit.centre[1] - centre[1])
-        centre = fit.centre
-        if moved < CENTRE_TOLERANCE:
+        if math.hypot(fit.centre[0] - centre[0], fit.centre[1] - centre[1]) < CENTRE_TOLERANCE:
+            # Converged: the fit just made, at this centre, stands.
             found = True
             break
-    design, n_fixed = _design(x, y, cells, centre, template, angle)
-    coefficients, _ = _solve(design, values)
+        centre = fit.centre
+    if not found:
+        design, n_fixed = _design(x, y, cells, centre, template, angle)
+        coefficients, _ = _solve(design, values)
     if template is None:
         return FlatGhost(_free_template(coefficients[n_fixed:], centre, rotator), 1.0, centre, 0.0, found)
     return FlatGhost(template, float(coefficients[n_fixed]), centre, angle, found)
