@@ -183,10 +183,21 @@ def write_template(path, template, otas=GHOST_OTAS, primary_cards=None):
 
 
 def nominal_centre(path):
-    """The nominal ghost centre (focal plane) of a template file; CalibrationError if unreadable."""
+    """The nominal ghost centre (focal plane) of a template file.
+
+    Raises
+    ------
+    CalibrationError
+        The file is not a readable FITS file or has no OTA extension.
+    """
     try:
-        primary = open_calibration(path)[0][0].header
+        hdulist, by_ota = open_calibration(path)
+        if not by_ota:
+            raise CalibrationError(f"{path}: no OTA<xy>.SCI extension: not a pupil-ghost template")
+        primary = hdulist[0].header
         return float(primary.get("PGCNTR_X", 0.0)), float(primary.get("PGCNTR_Y", 0.0))
+    except CalibrationError:
+        raise
     except Exception as error:
         raise CalibrationError(f"{path}: not a readable pupil-ghost template "
                                f"({' '.join(str(error).split())})") from None
@@ -655,6 +666,9 @@ class PupilGhostCorrection:
         self.template_file = str(Path(template_file).resolve())
         self.rotator = rotator
         self.files_used = {"pupilghost": self.template_file}
+        # An unreadable template stops the frame before any OTA is reduced, as an
+        # unreadable master does.
+        self.nominal = nominal_centre(self.template_file)
 
     def template(self, ota):
         """The OTA's :class:`GhostTemplate`, or a string saying why there is none."""
@@ -665,11 +679,7 @@ class PupilGhostCorrection:
 
     def measure(self, frame):
         """The OTA's :class:`GhostProfiles`, or None where the OTA takes no part."""
-        try:
-            nominal = nominal_centre(self.template_file)
-        except CalibrationError as error:
-            return self._note(frame, f"{error}; ghost not measured")
-        if ghost_region(frame.ota, frame.binning, frame.image.shape, nominal) is None:
+        if ghost_region(frame.ota, frame.binning, frame.image.shape, self.nominal) is None:
             return self._note(frame, "OTA outside the pupil ghost", quiet=True)
         if "flat" in frame.files_used and not frame.header.get("PGAFCTD", False):
             return self._note(frame, "the flat field is not pupil-ghost corrected (no PGAFCTD): "

@@ -184,6 +184,17 @@ def test_filter_level_without_template_is_left_alone(ghost_exposures, ghost_cals
     assert "no template for filter level 1" in caplog.text
 
 
+def test_unreadable_template_stops_the_frame(ghost_exposures, ghost_cals, tmp_path, capsys):
+    broken = tmp_path / pupilghost_template_name(1, 2)
+    broken.write_text("not FITS")
+    output = tmp_path / "out.fits"
+    assert run_collectcells(ghost_exposures["none"], output, f"-cals={ghost_cals}",
+                            f"-pupilghost={broken}") == 1
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and str(broken) in message[0] and "pupil-ghost template" in message[0]
+    assert not output.exists()
+
+
 # --- Flats: the ghost divided out by podi_makecalibrations -------------------------------
 
 @pytest.fixture(scope="session")
