@@ -194,18 +194,22 @@ def reduce_otas(jobs, settings, pool, sink):
     if not settings.corrections:
         results, failures = pool.run(podi_otaphases.collect_reduce_ota, files, sink, verb="reduced")
         return results, failures, {}
-    # A failed OTA leaves the stream's order at once; the others wait for round two.
-    measured, failures = pool.run(podi_otaphases.reduce_and_measure, files,
-                                  lambda ota, result: result is None and sink(ota, None),
-                                  verb="reduced and measured")
-    if not measured:
-        return {}, failures, {}
+    def first_round(ota, result):
+        # Failed and finished OTAs (no correction takes part) go to the stream at
+        # once; the others wait for round two.
+        if result is None or isinstance(result, podi_otaphases.OTAResult):
+            sink(ota, result)
+
+    first, failures = pool.run(podi_otaphases.reduce_and_measure, files, first_round,
+                               verb="reduced and measured")
+    finished = {ota: r for ota, r in first.items() if isinstance(r, podi_otaphases.OTAResult)}
+    measured = {ota: r for ota, r in first.items() if ota not in finished}
     parameters, keywords = podi_otaphases.combine_measurements(
         {ota: measurements for ota, (_, measurements) in measured.items()}, settings)
     results, more = pool.run(podi_otaphases.apply_and_finish,
                              {ota: (frame, parameters) for ota, (frame, _) in measured.items()},
                              sink, verb="corrected")
-    return results, {**failures, **more}, keywords
+    return {**finished, **results}, {**failures, **more}, keywords
 
 
 # --- The run's summary and QA plots ----------------------------------------------------

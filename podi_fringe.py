@@ -336,6 +336,11 @@ class FringeCorrection:
     def vector_file(self, ota):
         return self.vector_dir / fringe_vectors_name(self.filter_name, ota)
 
+    def takes_part(self, frame):
+        """Every OTA: a template extension, if the file has one, is subtracted from guide
+        OTAs too."""
+        return True
+
     def measure(self, frame):
         """Ratios of the OTA's vectors (data units per template unit), or None."""
         if is_guide_ota(str(frame.primary.get("CELLMODE", ""))):

@@ -20,6 +20,9 @@ the sky statistics, sources and photometry describe the corrected frame.
 A frame-wide correction is an object with
 
 * ``name``: the key of its measurements and parameters;
+* ``takes_part(frame)``, in the worker: whether the correction may change this OTA
+  (recording in its header why not); an OTA no correction takes part in is finished
+  in the first round and never waits for the others;
 * ``measure(frame)``, in the worker: a small picklable measurement of one OTA
   (or None where the OTA cannot be measured);
 * ``combine(measurements)``, in the master: ``{ota: measurement}`` ->
@@ -243,9 +246,11 @@ def finish_phase(frame, settings):
                      pixel_scale=frame.pixel_scale)
 
 
-def measure_phase(frame, settings):
-    """Every frame-wide correction's measurement of this OTA: name -> measurement."""
-    return {correction.name: correction.measure(frame) for correction in settings.corrections}
+def measure_phase(frame, settings, taking):
+    """The measurements of this OTA by the corrections named in ``taking``: name ->
+    measurement (None for the others)."""
+    return {correction.name: correction.measure(frame) if correction.name in taking else None
+            for correction in settings.corrections}
 
 
 def combine_measurements(measurements, settings):
@@ -287,12 +292,16 @@ def reduce_and_measure(ota, image, settings, filename):
 
     Returns
     -------
-    (podi_reduceota.OTAFrame, dict)
+    (podi_reduceota.OTAFrame, dict) or OTAResult
         The OTA's state without its pixels (they stay in ``image``), and its
-        measurements.
+        measurements; or, when no correction takes part in the OTA, the finished OTA.
     """
     frame = reduce_phase(filename, image, settings)
-    measured = measure_phase(frame, settings)
+    # Every correction decides (and records) whether it takes part.
+    taking = [correction.name for correction in settings.corrections if correction.takes_part(frame)]
+    if not taking:
+        return finish_phase(frame, settings)
+    measured = measure_phase(frame, settings, taking)
     frame.image = None
     return frame, measured
 

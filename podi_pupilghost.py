@@ -563,11 +563,11 @@ def fit_ghost(profiles, templates, angle):
 
 # --- The ghost on an OTA (subtracted in the workers) ------------------------------------
 
-def ghost_region(ota, binning, shape, centre):
-    """Slices ``(y, x)`` of an OTA array within :data:`GHOST_OUTER_RADIUS` of ``centre``,
-    or None when the ghost does not reach the OTA."""
+def ghost_region(ota, binning, shape, centre, margin=0.0):
+    """Slices ``(y, x)`` of an OTA array within :data:`GHOST_OUTER_RADIUS` (+ ``margin``,
+    unbinned px) of ``centre``, or None when the ghost does not reach the OTA."""
     px, py = focal_plane_to_pixel(ota, binning, centre[0], centre[1])
-    reach = GHOST_OUTER_RADIUS / binning
+    reach = (GHOST_OUTER_RADIUS + margin) / binning
     x0, x1 = max(0, int(math.floor(px - reach))), min(shape[1], int(math.ceil(px + reach)) + 1)
     y0, y1 = max(0, int(math.floor(py - reach))), min(shape[0], int(math.ceil(py + reach)) + 1)
     nearest_x, nearest_y = np.clip(px, 0, shape[1] - 1), np.clip(py, 0, shape[0] - 1)
@@ -677,10 +677,17 @@ class PupilGhostCorrection:
         except CalibrationError as error:
             return " ".join(str(error).split())
 
+    def takes_part(self, frame):
+        """Whether the ghost can reach the OTA (its centre may lie up to the largest of
+        :data:`SHIFTS` from the nominal one)."""
+        if ghost_region(frame.ota, frame.binning, frame.image.shape, self.nominal,
+                        margin=SHIFTS[-1]) is None:
+            self._note(frame, "OTA outside the pupil ghost", quiet=True)
+            return False
+        return True
+
     def measure(self, frame):
-        """The OTA's :class:`GhostProfiles`, or None where the OTA takes no part."""
-        if ghost_region(frame.ota, frame.binning, frame.image.shape, self.nominal) is None:
-            return self._note(frame, "OTA outside the pupil ghost", quiet=True)
+        """The OTA's :class:`GhostProfiles`, or None where the OTA cannot be measured."""
         if "flat" in frame.files_used and not frame.header.get("PGAFCTD", False):
             return self._note(frame, "the flat field is not pupil-ghost corrected (no PGAFCTD): "
                                      "it divided the ghost out, nothing subtracted")

@@ -184,6 +184,14 @@ def test_filter_level_without_template_is_left_alone(ghost_exposures, ghost_cals
     assert "no template for filter level 1" in caplog.text
 
 
+def test_otas_outside_the_ghost_finish_in_one_round(ghost_exposures, ghost_cals, tmp_path):
+    output = reduce(ghost_exposures[0.0], tmp_path / "out.fits", f"-cals={ghost_cals}",
+                    f"-pupilghost={ghost_cals}", "-singleota=22")
+    with fits.open(output) as hdus:
+        assert not hdus[0].header["PUPLGOK"] and hdus[0].header["NOTAS"] == 1
+        assert "OTA outside the pupil ghost" in str(hdus["OTA22.SCI"].header["HISTORY"])
+
+
 def test_unreadable_template_stops_the_frame(ghost_exposures, ghost_cals, tmp_path, capsys):
     broken = tmp_path / pupilghost_template_name(1, 2)
     broken.write_text("not FITS")
