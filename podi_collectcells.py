@@ -10,9 +10,9 @@ run's typed settings (:mod:`podi_settings`), then runs the per-OTA phases of
 :mod:`podi_otaphases` in worker processes (:mod:`podi_workers`, at most ``-ncpus``
 at a time). Each worker reduces its OTA into a block of shared memory that the
 master streams into the output file as soon as the OTA is finished, so pixel data
-never travel through pickles. With frame-wide corrections (``-fringe``) the OTAs
-run in two rounds: reduce and measure, then (after the master combined the
-measurements) apply and finish. An OTA that fails is logged, recorded in the
+never travel through pickles. With frame-wide corrections (``-pupilghost``,
+``-fringe``) the OTAs they take part in run in two rounds: reduce and measure, then
+(after the master combined the measurements) apply and finish. An OTA that fails is logged, recorded in the
 output's primary header and left out; the others still make a valid file. The
 output is written under a temporary name and renamed: a crash, a kill or
 ``-timeout`` never leave a partial file.

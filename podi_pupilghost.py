@@ -7,19 +7,19 @@ flat it is a fraction of the lamp, in a science frame the same fraction of the s
 
 A pupil-ghost *template* holds the ghost as a fraction of the flat-field level
 (flat-field-normalised units) on a coarse grid centred on the ghost
-(:class:`GhostTemplate`). It is made from dome flats by :func:`fit_flat_ghost`
-(``podi_makecalibrations -pupilghost``), which also divides the ghost out of the
-master flat; science frames reduced with such a flat show the ghost as
-``scale x template`` with ``scale`` close to their sky level. :class:`PupilGhostCorrection`
-removes it as a frame-wide correction of ``podi_collectcells -pupilghost=DIR``:
+(:class:`GhostTemplate`). It is made from dome flats by
+:func:`podi_pupilghosttemplate.fit_flat_ghost` (``podi_makecalibrations -pupilghost``),
+which also divides the ghost out of the master flat; science frames reduced with such
+a flat show the ghost as ``scale x template`` with ``scale`` close to their sky level.
+:class:`PupilGhostCorrection` removes it as a frame-wide correction of
+``podi_collectcells -pupilghost=DIR``:
 
-* measure (each affected OTA's worker): median-clipped profiles of the data and of the
-  rotated template along radial wedges around the template's nominal centre
-  (:func:`polar_profiles`);
-* combine (master): in each wedge the radial shift and amplitude of the template
-  that best fit the data; the shifts of all wedges give the ghost's centre (a circle
-  fit), the clipped median of the amplitudes at that centre the frame's scale
-  (:func:`fit_ghost`);
+* measure (the worker of each OTA the ghost reaches): clipped-mean profiles of the data
+  along radial wedges around the template's nominal centre (:func:`polar_profiles`);
+* combine (master): in each wedge the radial shift and amplitude of the (turned)
+  template that best fit the data; the shifts of all wedges give the ghost's centre
+  (a circle fit), the clipped median of the amplitudes at that centre the frame's
+  scale (:func:`fit_ghost`);
 * apply (workers): subtract ``scale x template``, rotated by the rotator angle and
   placed at the found centre (:func:`render_template`).
 
@@ -205,6 +205,10 @@ def nominal_centre(path):
 
 def read_template(path, ota):
     """The template of one OTA from a template file.
+
+    A file without ``PGSTEP``, ``PGCNTR_X/Y`` or ``PGROTANG`` (such as the original
+    pipeline's) is read as one unbinned pixel per template pixel, centred on the
+    optical axis, made at rotator angle 0.
 
     Raises
     ------
