@@ -37,6 +37,7 @@ import numpy as np
 from astropy.io import fits
 
 import podi_fringe
+import podi_nonsidereal
 import podi_otaphases
 import podi_pupilghost
 from podi_calibfiles import CalibrationNotFound, resolve_calibrations
@@ -338,6 +339,10 @@ def collectcells(options, argv=()):
             found, tables = podi_framecalib.frame_calibrations(results, refcat, first_header, settings,
                                                                size)
             add_keywords(keywords, found)
+        if settings.nonsidereal is not None:
+            add_keywords(keywords, podi_nonsidereal.follow_target(
+                results, settings.nonsidereal, float(first_header.get("MJD-OBS", 0.0))))
+        if settings.header_rewritten:
             for ota, offset in sink.offsets.items():
                 stream.patch_header(offset, results[ota].header_text)
         for table in tables + [association_table(results, settings.corrections)]:

@@ -50,7 +50,9 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -fringevectors=DIR|FILE    folder of the fringe vector regions              None (template's folder)
     -pupilghost[=DIR|FILE]     pupil-ghost template (folder: pupilghost_template___level_<L>__bin<b>.fits;
                                bare: the -cals folder)                           None (off)
-    -persistency, -nonsidereal not available yet: stop with an error            None
+    -nonsidereal=dRA,dDec,ref  WCS follows a target moving dRA cos(Dec), dDec   None (off)
+                               arcsec/h since ref (an MJD or a FITS file's MJD-OBS)
+    -persistency               not available yet: stop with an error            None
     -pointing, -dither, -target
                                defunct: accepted with a warning, ignored        (no key)
     -help, --help              print the usage text and exit
@@ -68,6 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from podi_definitions import ota_from_fppos
+from podi_nonsidereal import parse_motion
 from podi_overscan import OVERSCAN_METHODS
 
 logger = logging.getLogger(__name__)
@@ -82,7 +85,7 @@ DEFAULT_TIMEOUT = 900.0
 
 #: Flags of steps not built yet: parsed, then refused with "not available yet", so
 #: that no flag is silently ignored.
-NOT_AVAILABLE_FLAGS = ("persistency", "nonsidereal")
+NOT_AVAILABLE_FLAGS = ("persistency",)
 
 #: Flags of the original that no longer do anything -> hint for the warning.
 DEFUNCT_FLAGS = {
@@ -190,6 +193,13 @@ def _offset_pair(flag, value):
     if len(numbers) != 2 or not all(map(math.isfinite, numbers)):
         raise OptionError(f"-{flag}={value}: expected two numbers dRA,dDec (degrees)")
     return tuple(numbers)
+
+
+def _sky_motion(flag, value):
+    try:
+        return parse_motion(_text(flag, value))
+    except ValueError as error:
+        raise OptionError(f"-{flag}={value}: {error}") from None
 
 
 def _overscan_method(flag, value):
@@ -349,11 +359,12 @@ FLAGS = (
     Flag("pupilghost", "pupilghost", None, "pupil-ghost template, or its folder (a filter level "
          "without one is left alone); bare: the -cals folder", _auto_or_text, bare="auto",
          metavar="[=DIR|FILE]"),
+    Flag("nonsidereal", "nonsidereal", None, "the WCS follows a target moving dRA cos(Dec), dDec "
+         "arcsec/hour since ref (an MJD or a FITS file's MJD-OBS)", _sky_motion,
+         metavar="=dRA,dDec,ref"),
     # Steps not built yet: the table entries are placeholders, see NOT_AVAILABLE_FLAGS.
     Flag("persistency", "persistency", None, "saturation catalogs (not available yet)", _text,
          metavar="=DIR"),
-    Flag("nonsidereal", "nonsidereal", None, "non-sidereal tracking (not available yet)", _text,
-         metavar="=dRA,dDec,ref"),
 )
 
 _FLAGS_BY_NAME = {flag.name: flag for flag in FLAGS}

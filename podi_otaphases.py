@@ -221,8 +221,9 @@ def reduce_phase(filename, image, settings):
 def finish_phase(frame, settings):
     """Run :data:`FINISH_STAGES`, put the image in FITS byte order, make its header text.
 
-    With ``-fixwcs`` the header ends in :data:`WCS_SPARE_CARDS` blank cards, room for
-    the keywords of the WCS fit added after the OTA is in the output file: they take
+    With ``-fixwcs`` or ``-nonsidereal`` the header ends in :data:`WCS_SPARE_CARDS`
+    blank cards, room for the keywords of the WCS fit and of the non-sidereal shift
+    added after the OTA is in the output file: they take
     the place of blank cards, so the header keeps its length and is rewritten in place.
     """
     for stage in FINISH_STAGES:
@@ -235,7 +236,7 @@ def finish_phase(frame, settings):
     if isinstance(frame.image, np.memmap):
         frame.image.flush()
     hdu = fits.ImageHDU(data=image, header=frame.header)
-    for _ in range(WCS_SPARE_CARDS if settings.detect_sources else 0):
+    for _ in range(WCS_SPARE_CARDS if settings.header_rewritten else 0):
         hdu.header.add_blank()
     hdu.header["CHECKSUM"] = ("0" * 16, "HDU checksum")
     hdu.header["DATASUM"] = (str(datasum), "data unit checksum")

@@ -77,6 +77,8 @@ class RunSettings:
     timeout : float or None
         Seconds the frame may take.
     qa : QASettings
+    nonsidereal : podi_nonsidereal.SkyMotion or None
+        ``-nonsidereal``: the WCS follows a moving target.
     """
 
     reduction: ReductionSettings
@@ -93,6 +95,13 @@ class RunSettings:
     serial: bool = False
     timeout: float = None
     qa: QASettings = QASettings()
+    nonsidereal: object = None
+
+    @property
+    def header_rewritten(self):
+        """Whether OTA headers are rewritten after the frame-wide calibrations, in the
+        place of spare blank cards (:data:`podi_otaphases.WCS_SPARE_CARDS`)."""
+        return self.detect_sources or self.nonsidereal is not None
 
 
 def reduction_settings(calibrations, options):
@@ -136,6 +145,7 @@ def run_settings(options, calibrations, corrections=()):
         ncpus=ncpus,
         serial=bool(options.get("profile")) or ncpus == 1,
         timeout=options.get("timeout") or None,
+        nonsidereal=options.get("nonsidereal"),
         qa=QASettings(create=bool(options.get("create_qaplots", True)),
                       formats=tuple(options.get("plotformat") or ("png",)),
                       otalevel=bool(options.get("otalevelplots", True)),

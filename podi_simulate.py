@@ -26,6 +26,14 @@ unit pattern (the true fringe template); the truth record holds ``FRNGAMP`` and
 ARCSEC``) offsets each exposure's true pointing at random from ``--ra/--dec``, which
 stays the centre of one star field (see :func:`dithered`).
 
+Moving target (``--moving dRA,dDec`` in arcsec/hour, ``dRA`` on the sky): a comet or
+asteroid rendered as one more point source (same PSF, ``moving_mag`` in every band) in
+object frames only, at its position at the exposure's start (:func:`moving_target`);
+it is neither in the reference catalog nor in the truth's star table. The exposures
+of a ``--count`` sequence are ``--interval`` seconds apart and share the target's
+epoch, the first exposure's MJD-OBS. The truth record holds ``MOVRA``, ``MOVDEC``,
+``MOVEPOCH``, ``MOVDRA``, ``MOVDDEC``, ``MOVOTA``, ``MOVX``, ``MOVY``.
+
 Pupil ghost (``--pupilghost AMPLITUDE``, ``--pupilghost-profile FILE``, ``--rotator
 DEG``): ODI's optics reflect a broad ring of light onto the central OTAs 33/34/43/44.
 It is additive light: in object frames a fraction ``G`` of the sky, in dome flats
@@ -193,6 +201,10 @@ class ExposureSpec:
     sequence: int = 1
     crosstalk_file: str = None
     extra_stars: tuple = ()     # (ra, dec, mag) added to the field, same mag in every band
+    moving: tuple = None        # moving target's (dRA cos(dec), dDec) in arcsec/hour; None: none
+    moving_start: tuple = None  # its (ra, dec) at moving_epoch; None: field centre + (0.05, 0.05) deg
+    moving_epoch: float = None  # MJD of moving_start; None: this exposure's mjd
+    moving_mag: float = 17.0    # its magnitude in every band
     effects: Effects = dataclasses.field(default_factory=Effects)
 
 
@@ -450,6 +462,67 @@ def _offset_position(ra, dec, rho, phi):
     dec_out = np.arcsin(np.clip(sin_d, -1, 1))
     dra = np.arctan2(np.sin(phi) * np.sin(rho) * math.cos(d0), np.cos(rho) - math.sin(d0) * sin_d)
     return np.degrees(r0 + dra) % 360, np.degrees(dec_out)
+
+
+def moving_target(spec):
+    """Position of the moving target (comet, asteroid) at the exposure's start.
+
+    The target moves on a straight line in ``(ra, dec)`` at a constant rate from
+    ``moving_start`` at MJD ``moving_epoch``. With ``dt_h = (MJD-OBS - epoch) * 24``::
+
+        dec = dec0 + dDec dt_h / 3600
+        ra  = ra0 + dRA dt_h / 3600 / cos(dec0)
+
+    ``dRA`` is the rate on the sky, so the RA coordinate changes by ``dRA / cos(dec0)``
+    at the start's declination (exact for the short arcs of a night's sequence).
+
+    Parameters
+    ----------
+    spec : ExposureSpec
+        ``moving`` (arcsec/hour), ``moving_start`` (degrees; default: the field centre
+        offset by 0.05 degrees on the sky in RA and Dec, on OTA 44 of the model WCS),
+        ``moving_epoch`` (MJD; default ``spec.mjd``); ``spec.mjd`` is MJD-OBS.
+
+    Returns
+    -------
+    tuple or None
+        ``(ra, dec)`` in degrees, or None without a moving target.
+    """
+    if spec.moving is None:
+        return None
+    if spec.moving_start is not None:
+        ra0, dec0 = spec.moving_start
+    else:
+        ra0, dec0 = offset_pointing(*(spec.field_centre or (spec.ra, spec.dec)), (180.0, 180.0))
+    epoch = spec.moving_epoch if spec.moving_epoch is not None else spec.mjd
+    dra, ddec = spec.moving
+    dt_h = (spec.mjd - epoch) * 24
+    return (ra0 + dra * dt_h / 3600 / math.cos(math.radians(dec0))) % 360, dec0 + ddec * dt_h / 3600
+
+
+def moving_target_pixel(spec, otas):
+    """Where the moving target falls: OTA and 0-based pixel at the exposure's binning.
+
+    Parameters
+    ----------
+    spec : ExposureSpec
+    otas : sequence of int
+        OTAs to look on, each with its true WCS (:func:`true_ota_wcs`).
+
+    Returns
+    -------
+    tuple
+        ``(ota, x, y)``; ``(-1, -1.0, -1.0)`` if it falls in a gap between them (FITS
+        headers cannot hold NaN).
+    """
+    ra, dec = moving_target(spec)
+    size = cell_geometry(spec.binning).ota_size
+    for ota in otas:
+        x, y = WCS(true_ota_wcs(spec, ota)).all_world2pix([ra], [dec], 0, quiet=True)
+        # Pixel centres are integers: the array spans -0.5 .. size - 0.5.
+        if -0.5 <= x[0] < size - 0.5 and -0.5 <= y[0] < size - 0.5:
+            return ota, float(x[0]), float(y[0])
+    return -1, -1.0, -1.0
 
 
 def reference_catalog(stars, rng, limit=22.0):
@@ -718,8 +791,10 @@ def render_stars(image, x, y, flux, fwhm_px, beta):
 def _sky_signal(spec, instrument, ota, wcs, stars, ghost=True):
     """Electrons of light (before the flat) and the star truth of one OTA.
 
-    Sky, its fringes and the stars of object frames, the lamp of dome flats, and the
-    pupil ghost of either unless ``ghost`` is False.
+    Sky, its fringes, the stars and the moving target (:func:`moving_target`) of
+    object frames, the lamp of dome flats, and the pupil ghost of either unless
+    ``ghost`` is False. The moving target is not in ``stars`` nor in the star truth: it
+    belongs to no star catalog.
     """
     size = cell_geometry(spec.binning).ota_size
     image = np.zeros((size, size), np.float32)
@@ -739,15 +814,27 @@ def _sky_signal(spec, instrument, ota, wcs, stars, ghost=True):
         if spec.fringe_amplitude:
             # Fringes are sky light too: they scale with it and pass through the flat.
             image += instrument.fringe_pattern(ota, spec.binning) * np.float32(spec.fringe_amplitude * sky)
-    if spec.effects.stars and len(stars):
+    if not spec.effects.stars:
+        return image, truth
+    fwhm_px = spec.fwhm / podi_wcs.local_pixel_scale(wcs, size / 2, size / 2)
+    margin = 60
+    if len(stars):
         x, y = wcs.all_world2pix(stars["ra"], stars["dec"], 0, quiet=True)
-        margin = 60
         on = (x > -margin) & (x < size + margin) & (y > -margin) & (y < size + margin)
-        flux = 10 ** (-0.4 * (stars[FILTER_BAND[spec.filter]][on] - ZP_E[spec.filter])) * spec.exptime
-        fwhm_px = spec.fwhm / podi_wcs.local_pixel_scale(wcs, size / 2, size / 2)
+        flux = _star_electrons(spec, stars[FILTER_BAND[spec.filter]][on])
         render_stars(image, x[on], y[on], flux, fwhm_px, spec.moffat_beta)
         truth = Table({"index": np.flatnonzero(on), "x": x[on], "y": y[on], "flux": flux})
+    target = moving_target(spec)
+    if target is not None:
+        x, y = wcs.all_world2pix([target[0]], [target[1]], 0, quiet=True)
+        if -margin < x[0] < size + margin and -margin < y[0] < size + margin:
+            render_stars(image, x, y, [_star_electrons(spec, spec.moving_mag)], fwhm_px, spec.moffat_beta)
     return image, truth
+
+
+def _star_electrons(spec, mag):
+    """Total electrons of a point source of magnitude ``mag`` in the exposure."""
+    return 10 ** (-0.4 * (np.asarray(mag) - ZP_E[spec.filter])) * spec.exptime
 
 
 def true_signal(spec, ota):
@@ -1253,6 +1340,8 @@ def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointi
     if spec.obstype == "OBJECT":
         # Reduced ghost = sky_e G FLATNRMA = SKY_ADU G, and the true template is G.
         h["PGSCALE"] = (h["SKY_ADU"], "reduced ADU per unit of the true ghost template")
+    if spec.obstype == "OBJECT" and spec.moving is not None:
+        _moving_target_cards(h, spec)
     on_otas = vstack([r["stars"] for r in results])
     index = np.asarray(on_otas["index"], int)
     star_table = Table({"ra": stars["ra"][index], "dec": stars["dec"][index],
@@ -1264,6 +1353,22 @@ def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointi
     for ota in otas:
         hdus.append(fits.ImageHDU(header=wcs_headers[ota], name=f"OTA{ota:02d}.WCS"))
     fits.HDUList(hdus).writeto(filename, overwrite=True)
+
+
+def _moving_target_cards(header, spec):
+    """Truth cards of the moving target: position at MJD-OBS, motion, where it falls."""
+    ra, dec = moving_target(spec)
+    # Every OTA of the focal plane: the target may fall on one that was not simulated.
+    ota, x, y = moving_target_pixel(spec, layout_by_name(spec.layout).otas)
+    header["MOVRA"] = (ra, "moving target RA at MJD-OBS (deg)")
+    header["MOVDEC"] = (dec, "moving target Dec at MJD-OBS (deg)")
+    header["MOVEPOCH"] = (spec.moving_epoch if spec.moving_epoch is not None else spec.mjd,
+                          "MJD of the moving target's start position")
+    header["MOVDRA"] = (spec.moving[0], "moving target dRA*cos(dec) (arcsec/h)")
+    header["MOVDDEC"] = (spec.moving[1], "moving target dDec (arcsec/h)")
+    header["MOVOTA"] = (ota, "OTA the moving target falls on; -1: in a gap")
+    header["MOVX"] = (x, "moving target 0-based x on MOVOTA (binned px)")
+    header["MOVY"] = (y, "moving target 0-based y on MOVOTA (binned px)")
 
 
 # --- Command line -----------------------------------------------------------------
@@ -1283,6 +1388,8 @@ def build_parser():
     parser.add_argument("--dither", type=float, default=0.0, metavar="ARCSEC",
                         help="offset each exposure's true pointing from --ra/--dec at random, "
                              "uniformly within +-ARCSEC in dRA*cos(dec) and dDec (same star field)")
+    parser.add_argument("--interval", type=float, default=60.0, metavar="SECONDS",
+                        help="time between the starts of the exposures of a --count sequence")
     parser.add_argument("--exptime", type=float, default=300.0)
     parser.add_argument("--filter", default="odi_r", choices=sorted(ZP_E))
     parser.add_argument("--mjd", type=float, default=None,
@@ -1308,6 +1415,9 @@ def build_parser():
     parser.add_argument("--pupilghost-profile", default=None, metavar="FILE",
                         help="radial pupil-ghost profile: lines 'radius fraction', radius in 4x4-binned "
                              "pixels (default: built-in, like odi_r)")
+    parser.add_argument("--moving", default=None, metavar="dRA,dDec",
+                        help="add a moving target (object frames) moving at dRA*cos(dec),dDec "
+                             "arcsec/hour, starting 0.05 deg north-east of the field centre")
     parser.add_argument("--crosstalk", default=None, help="crosstalk matrix file (XTALK.FWD)")
     parser.add_argument("--ncpus", type=int, default=None)
     parser.add_argument("--write-nonlinearity", metavar="DIR", default=None,
@@ -1323,6 +1433,7 @@ def spec_from_args(args):
     mjd = args.mjd if args.mjd is not None else (56620.1 if args.layout == "podi" else 57500.1)
     otas = tuple(int(o) for o in args.otas.split(",")) if args.otas else None
     error = tuple(float(v) for v in args.pointing_error.split(","))
+    moving = _parse_rate(args.moving) if args.moving is not None else None
     return ExposureSpec(obstype=args.obstype, layout=args.layout, otas=otas, binning=args.binning,
                         seed=args.seed, exptime=args.exptime, filter=args.filter, mjd=mjd,
                         ra=args.ra, dec=args.dec, pointing_error=error,
@@ -1330,7 +1441,16 @@ def spec_from_args(args):
                         fwhm=args.fwhm, sky_rate=args.sky, fringe_amplitude=args.fringes,
                         flat_level=args.flat_level, rotator_angle=args.rotator,
                         pupilghost=args.pupilghost, pupilghost_profile=args.pupilghost_profile,
-                        crosstalk_file=args.crosstalk, effects=effects)
+                        crosstalk_file=args.crosstalk, moving=moving, effects=effects)
+
+
+def _parse_rate(text):
+    """``'dRA,dDec'`` (arcsec/hour) as a pair of floats; ValueError with the bad text."""
+    try:
+        dra, ddec = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--moving expects 'dRA,dDec' in arcsec/hour, got {text!r}") from None
+    return dra, ddec
 
 
 def main(argv=None):
@@ -1338,10 +1458,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         spec = spec_from_args(args)
+        if spec.moving is not None:
+            # The target's path is one for the whole sequence: it starts at the first exposure.
+            spec = dataclasses.replace(spec, moving_epoch=spec.mjd)
         for i in range(args.count):
-            # Exposures of a sequence are 60 s apart in time.
             this = dataclasses.replace(spec, seed=spec.seed + i, sequence=i + 1,
-                                       mjd=spec.mjd + i * 60 / 86400, field_seed=spec.seed)
+                                       mjd=spec.mjd + i * args.interval / 86400, field_seed=spec.seed)
             if args.dither:
                 this = dithered(this, args.dither)
             directory = simulate_exposure(this, args.outdir, args.ncpus)

@@ -3,9 +3,11 @@
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
+from astropy.io import fits
 
 import podi_commandline as cl
 from podi_commandline import (HelpRequested, NotAvailableError, OptionError,
@@ -220,14 +222,33 @@ def test_overscan_method_is_checked():
 
 
 def test_several_unavailable_flags_are_named_together():
-    with pytest.raises(NotAvailableError, match="^-persistency, -nonsidereal are not available yet$"):
-        parse("-persistency", "-gain", "-nonsidereal=1,2,56000")
+    with pytest.raises(NotAvailableError, match="^-persistency is not available yet$"):
+        parse("-persistency", "-gain", "-persistency=/p")
     assert issubclass(NotAvailableError, OptionError) and issubclass(OptionError, ValueError)
 
 
 def test_fringe_flags_take_paths():
     options = parse("-fringe=/cals", "-fringevectors=/cals/vectors")
     assert (options["fringe"], options["fringevectors"]) == ("/cals", "/cals/vectors")
+
+
+def test_nonsidereal_takes_rates_and_a_reference(tmp_path):
+    motion = parse("-nonsidereal=60,-40.5,56620.25")["nonsidereal"]
+    assert (motion.dra, motion.ddec, motion.reference_mjd) == (60.0, -40.5, 56620.25)
+    reference = tmp_path / "ref.fits"
+    fits.PrimaryHDU(header=fits.Header({"MJD-OBS": 56621.5})).writeto(reference)
+    assert parse(f"-nonsidereal=1,2,{reference}")["nonsidereal"].reference_mjd == 56621.5
+
+
+@pytest.mark.parametrize("value, message", [
+    ("1,2", "expected three items dRA,dDec,ref, got 2"),
+    ("a,2,56000", "rates 'a', '2' must be numbers"),
+    ("1,2,/no/such.fits", "neither an MJD nor an existing file"),
+    ("1,2,nan", "is not finite"),
+])
+def test_malformed_nonsidereal_is_an_option_error(value, message):
+    with pytest.raises(OptionError, match=f"^-nonsidereal={re.escape(value)}: .*{re.escape(message)}"):
+        parse(f"-nonsidereal={value}")
 
 
 def test_pupilghost_takes_a_path_or_means_the_cals_folder():
