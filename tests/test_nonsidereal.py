@@ -72,3 +72,81 @@ def test_collectcells_shifts_every_extension(object_exposure, true_cals, reduced
             assert east == pytest.approx(-30.0, abs=0.15) and north == pytest.approx(20.0, abs=0.15)
             assert moved[name].header["NSIDDDEC"] == pytest.approx(-20.0 / 3600)
             np.testing.assert_array_equal(moved[name].data, plain[name].data)
+
+
+# --- A comet through a one-hour sequence, against the simulator's truth ------------------
+
+RATE = (30.0, -20.0)  # arcsec/hour: dRA cos(Dec), dDec
+
+
+@pytest.fixture(scope="module")
+def comet_sequence(tmp_path_factory):
+    """Three frames 30 minutes apart of one field with a moving target, each reduced with
+    -fixwcs and -nonsidereal referred to the first frame's raw file."""
+    import dataclasses
+
+    from conftest import STAR_FIELD_OTAS, refcat_of, run_collectcells, small_spec
+    from podi_rawdata import find_exposure
+    from podi_simulate import simulate_exposure, write_true_calibrations
+    root = tmp_path_factory.mktemp("comet")
+    base = small_spec(otas=STAR_FIELD_OTAS, seed=70, field_seed=70, mjd=56620.3, moving=RATE,
+                      moving_epoch=56620.3)
+    write_true_calibrations(base, root / "cals")
+    exposures = [simulate_exposure(dataclasses.replace(base, seed=70 + i, sequence=i + 1,
+                                                       mjd=56620.3 + i / 48), root / "raw", ncpus=2)
+                 for i in range(3)]
+    reference = find_exposure(exposures[0]).ota_files[33]
+    outputs = []
+    for exposure in exposures:
+        output = root / f"{exposure.name}.fits"
+        assert run_collectcells(exposure, output, f"-cals={root / 'cals'}", "-ncpus=2", "-fixwcs",
+                                f"-refcat={refcat_of(exposure)}", "-noqaplots",
+                                f"-nonsidereal={RATE[0]},{RATE[1]},{reference}") == 0
+        outputs.append(output)
+    return exposures, outputs
+
+
+def truth_of(exposure):
+    return fits.getheader(exposure.parent / f"{exposure.name}.truth.fits")
+
+
+def world(output, ota, x, y):
+    with fits.open(output) as hdus:
+        return WCS(hdus[f"OTA{ota}.SCI"].header).all_pix2world([[x, y]], 0)[0]
+
+
+def arcsec_apart(a, b):
+    east = ((a[0] - b[0] + 180) % 360 - 180) * math.cos(math.radians(b[1])) * 3600
+    return east, (a[1] - b[1]) * 3600
+
+
+def test_comet_keeps_its_coordinates(comet_sequence):
+    exposures, outputs = comet_sequence
+    positions = []
+    for exposure, output in zip(exposures, outputs):
+        truth = truth_of(exposure)
+        assert truth["MOVOTA"] in (33, 34, 43, 44)
+        positions.append(world(output, truth["MOVOTA"], truth["MOVX"], truth["MOVY"]))
+    first = truth_of(exposures[0])
+    for position in positions:
+        # Constant through the hour, at the target's position at the reference time.
+        assert math.hypot(*arcsec_apart(position, positions[0])) < 0.1
+        assert math.hypot(*arcsec_apart(position, (first["MOVRA"], first["MOVDEC"]))) < 0.1
+    # Without the shift the comet would have moved by the rate: the test can fail.
+    last = truth_of(exposures[-1])
+    moved = arcsec_apart((last["MOVRA"], last["MOVDEC"]), (first["MOVRA"], first["MOVDEC"]))
+    assert moved == pytest.approx(RATE, abs=0.01)
+
+
+def test_stars_move_by_the_rate(comet_sequence):
+    """A star's pixel in the last frame (1 hour later) points 30" west and 20" north of
+    the star; in the first frame at the star."""
+    from astropy.table import Table
+    exposures, outputs = comet_sequence
+    for exposure, output, hours in ((exposures[0], outputs[0], 0.0), (exposures[-1], outputs[-1], 1.0)):
+        stars = Table.read(exposure.parent / f"{exposure.name}.truth.fits", hdu="STARS")
+        star = stars[(stars["ota"] == 33) & (stars["mag"] < 19)][0]
+        east, north = arcsec_apart(world(output, 33, star["x"], star["y"]), (star["ra"], star["dec"]))
+        assert east == pytest.approx(-RATE[0] * hours, abs=0.1)
+        assert north == pytest.approx(-RATE[1] * hours, abs=0.1)
+    assert fits.getval(outputs[-1], "NSIDPMRA") == RATE[0] and fits.getval(outputs[-1], "WCSCAL")
