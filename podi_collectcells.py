@@ -39,6 +39,7 @@ from astropy.io import fits
 import podi_fringe
 import podi_nonsidereal
 import podi_otaphases
+import podi_persistency
 import podi_pupilghost
 from podi_calibfiles import CalibrationNotFound, resolve_calibrations
 from podi_commandline import (HelpRequested, OptionError, expand_output_name,
@@ -276,7 +277,8 @@ def collectcells(options, argv=()):
     Returns
     -------
     Path or None
-        The output file, or None when ``-noclobber`` skipped an existing one.
+        The output file, or None when ``-noclobber`` skipped an existing one or
+        ``-update_persistency_only`` wrote only the saturation catalog.
 
     Raises
     ------
@@ -285,6 +287,10 @@ def collectcells(options, argv=()):
     """
     start = time.monotonic()
     exposure = find_exposure(options["input"])
+    if options.get("update_persistency_only"):
+        catalog = podi_persistency.catalog_of_exposure(exposure, options["persistency"])
+        print(f"{exposure.base}: saturation catalog {catalog}, {time.monotonic() - start:.1f} s")
+        return None
     first_header, binning = exposure_header(exposure)
     output = expand_output_name(options["output"], first_header)
     if options.get("noclobber") and output.exists():

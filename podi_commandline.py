@@ -45,14 +45,16 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -timeout[=SEC]             stop after SEC seconds; bare: 900                None (no limit)
     -verbose                   more log output                                  False
     -profile                   one process, under cProfile                      False
-    -update_persistency_only   accepted for compatibility, no effect            False
+    -update_persistency_only   with -persistency: write the exposure's           False
+                               saturation catalog into DIR and nothing else
     -fringe=DIR|FILE           fringe template (folder: fringe__<FILTER>.fits)  None (off)
     -fringevectors=DIR|FILE    folder of the fringe vector regions              None (template's folder)
     -pupilghost[=DIR|FILE]     pupil-ghost template (folder: pupilghost_template___level_<L>__bin<b>.fits;
                                bare: the -cals folder)                           None (off)
     -nonsidereal=dRA,dDec,ref  WCS follows a target moving dRA cos(Dec), dDec   None (off)
                                arcsec/h since ref (an MJD or a FITS file's MJD-OBS)
-    -persistency               not available yet: stop with an error            None
+    -persistency=DIR           saturation catalogs; only with -update_persistency_only
+                               yet (the masking is not available yet)            None
     -pointing, -dither, -target
                                defunct: accepted with a warning, ignored        (no key)
     -help, --help              print the usage text and exit
@@ -82,10 +84,6 @@ DIRECTORY_OUTPUT_NAME = "collectcells.fits"
 
 #: Seconds for a bare ``-timeout``.
 DEFAULT_TIMEOUT = 900.0
-
-#: Flags of steps not built yet: parsed, then refused with "not available yet", so
-#: that no flag is silently ignored.
-NOT_AVAILABLE_FLAGS = ("persistency",)
 
 #: Flags of the original that no longer do anything -> hint for the warning.
 DEFUNCT_FLAGS = {
@@ -351,7 +349,8 @@ FLAGS = (
          _positive_seconds, bare=DEFAULT_TIMEOUT, metavar="[=SEC]"),
     _switch("verbose", "more log output"),
     _switch("profile", "run in one process under cProfile"),
-    _switch("update_persistency_only", "accepted for compatibility; no effect"),
+    _switch("update_persistency_only", "with -persistency: write the exposure's saturation "
+            "catalog and nothing else"),
     Flag("fringe", "fringe", None, "fringe template fringe__<FILTER>.fits, or its folder "
          "(a filter without one is left alone)", _text, metavar="=DIR|FILE"),
     Flag("fringevectors", "fringevectors", None, "folder of fringevectors__<FILTER>__OTA<xy>.reg "
@@ -362,8 +361,8 @@ FLAGS = (
     Flag("nonsidereal", "nonsidereal", None, "the WCS follows a target moving dRA cos(Dec), dDec "
          "arcsec/hour since ref (an MJD or a FITS file's MJD-OBS)", _sky_motion,
          metavar="=dRA,dDec,ref"),
-    # Steps not built yet: the table entries are placeholders, see NOT_AVAILABLE_FLAGS.
-    Flag("persistency", "persistency", None, "saturation catalogs (not available yet)", _text,
+    Flag("persistency", "persistency", None, "folder of the night's saturation catalogs; "
+         "only with -update_persistency_only yet (masking not available yet)", _text,
          metavar="=DIR"),
 )
 
@@ -437,7 +436,9 @@ def parse_commandline(argv):
         if options[step] and not options[needs]:
             logger.info("-%s needs -%s: turned on", step, needs)
             options[needs] = True
-    _refuse_unavailable(given)
+    if options["update_persistency_only"] and options["persistency"] is None:
+        raise OptionError("-update_persistency_only needs -persistency=DIR")
+    _refuse_unavailable(options)
     return options
 
 
@@ -452,8 +453,6 @@ def _apply_flags(options, flag_args):
             logger.warning("-%s is defunct and ignored: %s", name, DEFUNCT_FLAGS[name])
         elif flag is None:
             logger.warning("unknown flag %s ignored (see -help)", arg)
-        elif name in NOT_AVAILABLE_FLAGS:
-            given.append(name)  # refused after parsing; its value is not interpreted yet
         else:
             if name in given and not flag.repeat:
                 logger.warning("-%s given more than once; the last one counts", name)
@@ -490,11 +489,11 @@ def _set_positional(options, positional):
         options["output"] = positional[1]
 
 
-def _refuse_unavailable(given):
-    names = [f"-{name}" for name in dict.fromkeys(given) if name in NOT_AVAILABLE_FLAGS]
-    if names:
-        verb = "is" if len(names) == 1 else "are"
-        raise NotAvailableError(f"{', '.join(names)} {verb} not available yet")
+def _refuse_unavailable(options):
+    """A step not built yet stops the run, so that no flag is silently ignored."""
+    if options["persistency"] is not None and not options["update_persistency_only"]:
+        raise NotAvailableError("-persistency is not available yet without -update_persistency_only "
+                                "(the masking of saturation trails and persistence)")
 
 
 # --- Output file name -------------------------------------------------------------

@@ -90,7 +90,6 @@ def test_mutable_defaults_are_not_shared():
     ("-timeout", "timeout", 900.0),
     ("-verbose", "verbose", True),
     ("-profile", "profile", True),
-    ("-update_persistency_only", "update_persistency_only", True),
 ])
 def test_flag_lands_in_options(flag, key, expected):
     value = parse(flag)[key]
@@ -196,13 +195,6 @@ def test_repeated_flag_warns_and_the_last_counts(caplog):
     assert "-ncpus given more than once" in caplog.text
 
 
-@pytest.mark.parametrize("flag", cl.NOT_AVAILABLE_FLAGS)
-@pytest.mark.parametrize("value", ["", "=/some/dir"])
-def test_later_issue_flags_are_not_available(flag, value):
-    with pytest.raises(NotAvailableError, match=f"^-{flag} is not available yet$"):
-        parse(f"-{flag}{value}")
-
-
 @pytest.mark.parametrize("flags, expected", [
     (("-photcalib",), {"photcalib": True, "fixwcs": True, "fitradialZP": False}),
     (("-fitradialZP",), {"photcalib": True, "fixwcs": True, "fitradialZP": True}),
@@ -221,10 +213,14 @@ def test_overscan_method_is_checked():
         parse("-overscan=mean")
 
 
-def test_several_unavailable_flags_are_named_together():
-    with pytest.raises(NotAvailableError, match="^-persistency is not available yet$"):
-        parse("-persistency", "-gain", "-persistency=/p")
+def test_persistency_masking_is_not_available_yet():
+    with pytest.raises(NotAvailableError, match="^-persistency is not available yet without "
+                                                "-update_persistency_only"):
+        parse("-gain", "-persistency=/p")
     assert issubclass(NotAvailableError, OptionError) and issubclass(OptionError, ValueError)
+    assert parse("-persistency=/p", "-update_persistency_only")["persistency"] == "/p"
+    with pytest.raises(OptionError, match="^-update_persistency_only needs -persistency=DIR$"):
+        parse("-update_persistency_only")
 
 
 def test_fringe_flags_take_paths():
@@ -258,7 +254,7 @@ def test_pupilghost_takes_a_path_or_means_the_cals_folder():
 
 def test_other_option_errors_come_before_not_available():
     with pytest.raises(OptionError, match="-ncpus=0"):
-        parse("-persistency", "-ncpus=0")
+        parse("-persistency=/p", "-ncpus=0")
 
 
 # --- values ------------------------------------------------------------------------

@@ -1,0 +1,156 @@
+"""Saturation catalogs of the night's exposures and their index (``-persistency=DIR``).
+
+A pixel that saturates releases trapped charge for minutes afterwards, and a
+saturated star bleeds along its column. Both are found from the catalog of the
+saturated pixels of each exposure, kept in one folder for the night:
+
+* ``DIR/<exposure>.saturated.fits``: the primary header of the exposure's first OTA
+  file (it carries ``MJD-OBS`` and ``EXPTIME``), and one binary table
+  ``OTA<xy>.SATPIX`` per OTA read, with columns ``CELL_X``, ``CELL_Y`` (the cell) and
+  ``X``, ``Y`` (0-based column and row in the raw cell, overscan included) of every
+  raw pixel at 65535 ADU or more. An empty table means the OTA had none.
+* ``DIR/persistency.sqlite``: the index, one row per catalog (path, exposure,
+  ``MJD-OBS``, end of exposure). It is an SQLite database, so that several processes
+  reducing frames into the same folder at once each add their row without losing
+  another's (the original rewrote a pickle, and the last writer won).
+
+``podi_collectcells -persistency=DIR -update_persistency_only`` writes an exposure's
+catalog and nothing else; the original needed a separate tool for it.
+"""
+
+import logging
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from podi_definitions import SATURATION_ADU, ota_extname
+from podi_mef import write_atomic
+from podi_rawdata import RawDataError, open_raw_ota
+
+logger = logging.getLogger("podi_collectcells")
+
+#: Suffix of a catalog after the exposure's name.
+CATALOG_SUFFIX = ".saturated.fits"
+#: File name of the index in the catalog folder.
+INDEX_NAME = "persistency.sqlite"
+#: Seconds a writer waits for another to finish its row before it gives up.
+INDEX_TIMEOUT = 60.0
+
+
+def saturated_pixels(cells):
+    """The raw pixels at saturation in an OTA's cells.
+
+    Parameters
+    ----------
+    cells : numpy.ndarray
+        Raw cells ``[cy, cx, row, col]`` in ADU, before any correction.
+
+    Returns
+    -------
+    numpy.ndarray
+        Structured int16 array with fields ``CELL_X``, ``CELL_Y``, ``X`` (column) and
+        ``Y`` (row) in the raw cell, 0-based.
+    """
+    cell_y, cell_x, row, column = np.nonzero(cells >= SATURATION_ADU)
+    table = np.empty(cell_x.size, dtype=[("CELL_X", ">i2"), ("CELL_Y", ">i2"), ("X", ">i2"),
+                                         ("Y", ">i2")])
+    table["CELL_X"], table["CELL_Y"], table["X"], table["Y"] = cell_x, cell_y, column, row
+    return table
+
+
+def catalog_path(directory, exposure_name):
+    return Path(directory) / f"{exposure_name}{CATALOG_SUFFIX}"
+
+
+def write_catalog(directory, exposure_name, primary_header, saturated):
+    """Write an exposure's saturation catalog (atomically) and add it to the index.
+
+    Parameters
+    ----------
+    directory : str or Path
+        The night's catalog folder (created if needed).
+    exposure_name : str
+    primary_header : astropy.io.fits.Header
+        Raw primary header of the exposure (``MJD-OBS``, ``EXPTIME``).
+    saturated : dict
+        OTA -> :func:`saturated_pixels` table.
+
+    Returns
+    -------
+    Path
+        The catalog.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    primary = fits.PrimaryHDU(header=primary_header.copy())
+    primary.header["NSATOTA"] = (len(saturated), "OTAs read")
+    primary.header["NSATPIX"] = (int(sum(len(t) for t in saturated.values())), "saturated raw pixels")
+    tables = [fits.BinTableHDU(saturated[ota], name=f"{ota_extname(ota)[:5]}.SATPIX")
+              for ota in sorted(saturated)]
+    path = catalog_path(directory, exposure_name)
+    write_atomic(fits.HDUList([primary] + tables), path)
+    mjd = float(primary_header["MJD-OBS"])
+    end = mjd + float(primary_header.get("EXPTIME", 0.0)) / 86400
+    add_to_index(directory, path, exposure_name, mjd, end)
+    return path
+
+
+def _connect(directory):
+    connection = sqlite3.connect(Path(directory) / INDEX_NAME, timeout=INDEX_TIMEOUT)
+    connection.execute("CREATE TABLE IF NOT EXISTS catalogs (path TEXT PRIMARY KEY, exposure TEXT, "
+                       "mjd REAL NOT NULL, mjd_end REAL NOT NULL)")
+    return connection
+
+
+def add_to_index(directory, path, exposure_name, mjd, mjd_end):
+    """Add (or renew) one catalog's row in the folder's index."""
+    connection = _connect(directory)
+    try:
+        with connection:
+            connection.execute("INSERT OR REPLACE INTO catalogs VALUES (?, ?, ?, ?)",
+                               (str(Path(path).resolve()), exposure_name, mjd, mjd_end))
+    finally:
+        connection.close()
+
+
+def indexed_catalogs(directory, mjd_from=-np.inf, mjd_to=np.inf):
+    """Catalogs of the index whose ``MJD-OBS`` lies in [mjd_from, mjd_to], in time order.
+
+    Returns
+    -------
+    list of (str, str, float, float)
+        Path, exposure, ``MJD-OBS`` and end of exposure (MJD).
+    """
+    if not (Path(directory) / INDEX_NAME).is_file():
+        return []
+    connection = _connect(directory)
+    try:
+        return connection.execute("SELECT path, exposure, mjd, mjd_end FROM catalogs WHERE mjd "
+                                  "BETWEEN ? AND ? ORDER BY mjd", (mjd_from, mjd_to)).fetchall()
+    finally:
+        connection.close()
+
+
+def catalog_of_exposure(exposure, directory):
+    """Read the raw OTA files of an exposure and write its saturation catalog.
+
+    An OTA file that cannot be read is left out with a warning (its table is
+    missing from the catalog, unlike an OTA without saturated pixels).
+
+    Returns
+    -------
+    Path
+    """
+    saturated, primary = {}, None
+    for ota, filename in sorted(exposure.ota_files.items()):
+        try:
+            with open_raw_ota(filename) as raw:
+                saturated[ota] = saturated_pixels(raw.cells())
+                primary = primary if primary is not None else raw.header.copy()
+        except RawDataError as error:
+            logger.warning("OTA %02d left out of the saturation catalog: %s", ota, error)
+    if primary is None:
+        raise RawDataError(f"{exposure.base}: no readable OTA file for the saturation catalog")
+    return write_catalog(directory, exposure.base, primary, saturated)
