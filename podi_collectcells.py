@@ -360,6 +360,10 @@ def collectcells(options, argv=()):
                 logger.warning("-addfitskey=%s replaces the pipeline's %s", key, key)
             primary[key] = (value, "user-added keyword")
         stream.finish(primary)
+        if settings.reduction.persistency:
+            # Written once the frame is safe: the next exposures mask its persistence.
+            podi_persistency.write_catalog(settings.reduction.persistency, exposure.base, first_header,
+                                           {ota: result.saturated for ota, result in results.items()})
     except JobsTimedOut as error:
         stream.abort()
         raise ReductionError(f"timed out after {settings.timeout:g} s ({error}); no output written") \

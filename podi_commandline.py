@@ -53,8 +53,9 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
                                bare: the -cals folder)                           None (off)
     -nonsidereal=dRA,dDec,ref  WCS follows a target moving dRA cos(Dec), dDec   None (off)
                                arcsec/h since ref (an MJD or a FITS file's MJD-OBS)
-    -persistency=DIR           saturation catalogs; only with -update_persistency_only
-                               yet (the masking is not available yet)            None
+    -persistency=DIR           mask saturation trails and the persistence of the None
+                               exposures that ended within 10 min; write this
+                               frame's saturation catalog into DIR
     -pointing, -dither, -target
                                defunct: accepted with a warning, ignored        (no key)
     -help, --help              print the usage text and exit
@@ -111,10 +112,6 @@ _TAG = re.compile(r"%(" + "|".join(_OUTPUT_TAGS) + r"|[A-Za-z0-9_]*)")
 
 class OptionError(ValueError):
     """A command-line problem; the message is one line."""
-
-
-class NotAvailableError(OptionError):
-    """A flag whose step is not built yet was given."""
 
 
 class HelpRequested(Exception):
@@ -361,9 +358,9 @@ FLAGS = (
     Flag("nonsidereal", "nonsidereal", None, "the WCS follows a target moving dRA cos(Dec), dDec "
          "arcsec/hour since ref (an MJD or a FITS file's MJD-OBS)", _sky_motion,
          metavar="=dRA,dDec,ref"),
-    Flag("persistency", "persistency", None, "folder of the night's saturation catalogs; "
-         "only with -update_persistency_only yet (masking not available yet)", _text,
-         metavar="=DIR"),
+    Flag("persistency", "persistency", None, "folder of the night's saturation catalogs: mask "
+         "saturation trails and the persistence of exposures that ended within 10 minutes; "
+         "add this frame's catalog", _text, metavar="=DIR"),
 )
 
 _FLAGS_BY_NAME = {flag.name: flag for flag in FLAGS}
@@ -414,8 +411,6 @@ def parse_commandline(argv):
     ------
     HelpRequested
         No arguments, or ``-help``/``--help``.
-    NotAvailableError
-        A flag of a step that is not built yet was given.
     OptionError
         Any other problem: missing input, too many positional arguments, a bad value.
     """
@@ -438,7 +433,6 @@ def parse_commandline(argv):
             options[needs] = True
     if options["update_persistency_only"] and options["persistency"] is None:
         raise OptionError("-update_persistency_only needs -persistency=DIR")
-    _refuse_unavailable(options)
     return options
 
 
@@ -487,13 +481,6 @@ def _set_positional(options, positional):
     options["input"] = positional[0]
     if len(positional) == 2:
         options["output"] = positional[1]
-
-
-def _refuse_unavailable(options):
-    """A step not built yet stops the run, so that no flag is silently ignored."""
-    if options["persistency"] is not None and not options["update_persistency_only"]:
-        raise NotAvailableError("-persistency is not available yet without -update_persistency_only "
-                                "(the masking of saturation trails and persistence)")
 
 
 # --- Output file name -------------------------------------------------------------

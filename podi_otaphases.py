@@ -95,6 +95,8 @@ class OTAResult:
         Detections of :mod:`podi_findstars` (with ``-fixwcs``).
     pixel_scale : float or None
         arcsec/pixel at the OTA's centre (with ``-fixwcs``).
+    saturated : numpy.ndarray or None
+        Saturated raw pixels, for the saturation catalog (with ``-persistency``).
     """
 
     ota: int
@@ -106,6 +108,7 @@ class OTAResult:
     steps: dict
     sources: object = None
     pixel_scale: float = None
+    saturated: np.ndarray = None
 
 
 # --- Placement: where the OTA is --------------------------------------------------------
@@ -244,7 +247,7 @@ def finish_phase(frame, settings):
     return OTAResult(ota=frame.ota, header=hdu.header, header_text=text,
                      inherited=frame.inherited, sky_samples=frame.sky_samples,
                      files_used=frame.files_used, steps=frame.steps, sources=frame.sources,
-                     pixel_scale=frame.pixel_scale)
+                     pixel_scale=frame.pixel_scale, saturated=frame.saturated)
 
 
 def measure_phase(frame, settings, taking):

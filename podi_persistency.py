@@ -1,8 +1,11 @@
-"""Saturation catalogs of the night's exposures and their index (``-persistency=DIR``).
+"""Saturation trails, persistence, and the night's saturation catalogs (``-persistency=DIR``).
 
-A pixel that saturates releases trapped charge for minutes afterwards, and a
-saturated star bleeds along its column. Both are found from the catalog of the
-saturated pixels of each exposure, kept in one folder for the night:
+A saturated star bleeds along its column, and a pixel that saturated releases
+trapped charge for minutes afterwards. Each frame reduced with ``-persistency=DIR``
+masks (NaN, :func:`mask_saturation`, in the worker of each OTA) its own trails and
+the persistence of the exposures that ended within :data:`PERSISTENCE_SECONDS`
+before it started, found from the catalog of saturated pixels that every exposure
+leaves in one folder for the night:
 
 * ``DIR/<exposure>.saturated.fits``: the primary header of the exposure's first OTA
   file (it carries ``MJD-OBS`` and ``EXPTIME``), and one binary table
@@ -14,8 +17,9 @@ saturated pixels of each exposure, kept in one folder for the night:
   reducing frames into the same folder at once each add their row without losing
   another's (the original rewrote a pickle, and the last writer won).
 
-``podi_collectcells -persistency=DIR -update_persistency_only`` writes an exposure's
-catalog and nothing else; the original needed a separate tool for it.
+``podi_collectcells`` adds each frame's catalog once the frame is written, so a
+night reduced in order keeps its own history; ``-update_persistency_only`` writes an
+exposure's catalog and nothing else (the original needed a separate tool for both).
 """
 
 import logging
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from podi_definitions import SATURATION_ADU, ota_extname
+from podi_definitions import SATURATION_ADU, cell_geometry, cell_to_ota, ota_extname
 from podi_mef import write_atomic
 from podi_rawdata import RawDataError, open_raw_ota
 
@@ -154,3 +158,80 @@ def catalog_of_exposure(exposure, directory):
     if primary is None:
         raise RawDataError(f"{exposure.base}: no readable OTA file for the saturation catalog")
     return write_catalog(directory, exposure.base, primary, saturated)
+
+
+# --- Masks (in each OTA's worker) -------------------------------------------------------
+
+#: Earlier exposures whose saturated pixels are masked: those that ended at most this
+#: many seconds before the frame started.
+PERSISTENCE_SECONDS = 600.0
+
+
+def _columns(saturated, catalog_binning, binning, extreme):
+    """Per cell column with saturated pixels: ``(cx, cy, first, last column, row)`` in
+    the cell at ``binning``, with the lowest (``extreme = min``) or highest (``max``)
+    saturated row; raw-cell coordinates at ``catalog_binning`` are converted through
+    unbinned pixels."""
+    rows = {}
+    for cx, cy, x, y in zip(saturated["CELL_X"], saturated["CELL_Y"], saturated["X"], saturated["Y"]):
+        key = (int(cx), int(cy), int(x))
+        rows[key] = extreme(rows.get(key, y), y)
+    for (cx, cy, x), y in rows.items():
+        first = x * catalog_binning // binning
+        last = ((x + 1) * catalog_binning - 1) // binning
+        row = (y * catalog_binning if extreme is min else (y + 1) * catalog_binning - 1) // binning
+        yield cx, cy, first, last, row
+
+
+def mask_saturation(image, saturated, binning, trails, catalog_binning=None):
+    """Set saturation trails or persistent pixels of an OTA image to NaN.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The OTA ``[y, x]`` at ``binning``.
+    saturated : numpy.ndarray
+        :func:`saturated_pixels` of this exposure (``trails``) or of an earlier one.
+    trails : bool
+        True: this frame's trails, from each column's lowest saturated row to the top
+        of its cell (a saturated star bleeds along its column). False: an earlier
+        frame's persistence, from the bottom of the cell to each column's highest
+        saturated row (the trapped charge is released, and read out through the rows
+        below).
+    catalog_binning : int, optional
+        Binning of the exposure the catalog was made from (default ``binning``).
+
+    Returns
+    -------
+    int
+        Pixels set to NaN that were not NaN already.
+    """
+    geometry = cell_geometry(binning)
+    masked = 0
+    for cx, cy, first, last, row in _columns(saturated, catalog_binning or binning, binning,
+                                             min if trails else max):
+        # Saturation in the overscan only leaves nothing to mask in the image.
+        if first >= geometry.science_cols or (trails and row >= geometry.science_rows):
+            continue
+        rows, columns = cell_to_ota(cx, cy, binning)
+        y0, y1 = (rows.start + row, rows.stop) if trails else (rows.start, rows.start + min(
+            row, geometry.science_rows - 1) + 1)
+        part = image[y0:y1, columns.start + first:columns.start + min(last, geometry.science_cols - 1) + 1]
+        masked += int(np.isfinite(part).sum())
+        part[...] = np.nan
+    return masked
+
+
+def earlier_catalogs(directory, mjd):
+    """Index rows of the exposures that ended within :data:`PERSISTENCE_SECONDS` before ``mjd``."""
+    return [row for row in indexed_catalogs(directory, mjd - 2 * PERSISTENCE_SECONDS / 86400, mjd)
+            if 0 <= (mjd - row[3]) * 86400 <= PERSISTENCE_SECONDS]
+
+
+def read_catalog(path, ota):
+    """An OTA's saturated pixels and the binning of a catalog, or None without its table."""
+    with fits.open(path) as hdus:
+        name = f"{ota_extname(ota)[:5]}.SATPIX"
+        if name not in hdus:
+            return None
+        return np.array(hdus[name].data), int(hdus[0].header.get("CCDBIN1", 1))

@@ -22,6 +22,7 @@ from astropy.io import fits
 import podi_bpm
 import podi_crosstalk
 import podi_nonlinearity
+import podi_persistency
 from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, cell_geometry, cell_is_science,
                               cell_to_ota, layout_for_mjd, ota_extname)
 from podi_mef import CalibrationError, open_calibration, read_ota_image
@@ -54,6 +55,9 @@ class ReductionSettings:
         Master calibration files (pipeline format).
     bpm : str or None
         Directory of ``bpm_xy<NN>.reg`` region files.
+    persistency : str or None
+        Folder of the night's saturation catalogs (:mod:`podi_persistency`): mask this
+        frame's saturation trails and the persistence of the exposures before it.
     """
 
     crosstalk: str = None
@@ -64,6 +68,7 @@ class ReductionSettings:
     dark: str = None
     flat: str = None
     bpm: str = None
+    persistency: str = None
 
 
 @dataclass
@@ -100,6 +105,9 @@ class OTAFrame:
         arcsec/pixel at the OTA's centre, once sources are detected.
     inherited : dict
         Exposure keywords moved out of ``header`` for the primary header.
+    saturated : numpy.ndarray or None
+        Saturated raw pixels (:func:`podi_persistency.saturated_pixels`), with
+        ``-persistency``.
     """
 
     filename: Path
@@ -118,6 +126,7 @@ class OTAFrame:
     sources: object = None
     pixel_scale: float = None
     inherited: dict = field(default_factory=dict)
+    saturated: np.ndarray = None
 
     def record(self, step, message, filename=None):
         self.steps[step] = "done"
@@ -136,6 +145,14 @@ class OTAFrame:
 
 
 # --- Stages on the raw cells ----------------------------------------------------------
+
+def find_saturation(frame, settings):
+    """Note the raw pixels at saturation (before any correction changes them)."""
+    if settings.persistency is None:
+        return
+    frame.saturated = podi_persistency.saturated_pixels(frame.cells)
+    frame.record("saturation", f"{len(frame.saturated)} saturated raw pixels")
+
 
 def correct_crosstalk(frame, settings):
     """Remove crosstalk between the cells of each cell row (on raw ADU, incl. overscan)."""
@@ -326,8 +343,26 @@ def bad_pixels(frame, settings):
     frame.record("bpm", str(region_file), region_file)
 
 
-CELL_STAGES = [correct_crosstalk, overscan, nonlinearity, gain, assemble]
-OTA_STAGES = [bias, dark, flat, bad_pixels]
+def persistency(frame, settings):
+    """Mask this frame's saturation trails and the persistence of the exposures that
+    ended within 10 minutes before it started (their catalogs in the folder's index)."""
+    if settings.persistency is None:
+        return
+    masked = podi_persistency.mask_saturation(frame.image, frame.saturated, frame.binning, trails=True)
+    frame.header["SATMASK"] = (len(frame.saturated), "saturated raw pixels whose trails are masked")
+    mjd = float(frame.primary.get("MJD-OBS", 0.0))
+    earlier = podi_persistency.earlier_catalogs(settings.persistency, mjd)
+    for number, (path, _, _, _) in enumerate(earlier, 1):
+        found = podi_persistency.read_catalog(path, frame.ota)
+        if found is not None:
+            masked += podi_persistency.mask_saturation(frame.image, found[0], frame.binning, trails=False,
+                                                       catalog_binning=found[1])
+        frame.header[f"PERSIS{number:02d}"] = (Path(path).name[:68], "saturation catalog masked")
+    frame.record("persistency", f"{masked} pixels masked: trails and {len(earlier)} earlier exposures")
+
+
+CELL_STAGES = [find_saturation, correct_crosstalk, overscan, nonlinearity, gain, assemble]
+OTA_STAGES = [bias, dark, flat, bad_pixels, persistency]
 
 
 def _header_gains(raw):

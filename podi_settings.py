@@ -111,7 +111,8 @@ def reduction_settings(calibrations, options):
                              nonlinearity=calibrations.get("nonlinearity"),
                              gain=options.get("gain", False),
                              bias=calibrations.get("bias"), dark=calibrations.get("dark"),
-                             flat=calibrations.get("flat"), bpm=calibrations.get("bpm"))
+                             flat=calibrations.get("flat"), bpm=calibrations.get("bpm"),
+                             persistency=options.get("persistency"))
 
 
 def run_settings(options, calibrations, corrections=()):

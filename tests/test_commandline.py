@@ -10,7 +10,7 @@ import pytest
 from astropy.io import fits
 
 import podi_commandline as cl
-from podi_commandline import (HelpRequested, NotAvailableError, OptionError,
+from podi_commandline import (HelpRequested, OptionError,
                               expand_output_name, parse_commandline)
 
 
@@ -213,12 +213,9 @@ def test_overscan_method_is_checked():
         parse("-overscan=mean")
 
 
-def test_persistency_masking_is_not_available_yet():
-    with pytest.raises(NotAvailableError, match="^-persistency is not available yet without "
-                                                "-update_persistency_only"):
-        parse("-gain", "-persistency=/p")
-    assert issubclass(NotAvailableError, OptionError) and issubclass(OptionError, ValueError)
-    assert parse("-persistency=/p", "-update_persistency_only")["persistency"] == "/p"
+def test_persistency_takes_a_folder_and_update_only_needs_it():
+    assert parse("-persistency=/p")["persistency"] == "/p"
+    assert parse("-persistency=/p", "-update_persistency_only")["update_persistency_only"]
     with pytest.raises(OptionError, match="^-update_persistency_only needs -persistency=DIR$"):
         parse("-update_persistency_only")
 
@@ -250,11 +247,6 @@ def test_malformed_nonsidereal_is_an_option_error(value, message):
 def test_pupilghost_takes_a_path_or_means_the_cals_folder():
     assert parse("-pupilghost=/cals/pg")["pupilghost"] == "/cals/pg"
     assert parse("-pupilghost")["pupilghost"] == "auto"
-
-
-def test_other_option_errors_come_before_not_available():
-    with pytest.raises(OptionError, match="-ncpus=0"):
-        parse("-persistency=/p", "-ncpus=0")
 
 
 # --- values ------------------------------------------------------------------------

@@ -83,3 +83,67 @@ def test_two_processes_write_one_index(tmp_path):
 
 def test_no_index_yet_lists_nothing(tmp_path):
     assert podi_persistency.indexed_catalogs(tmp_path) == []
+
+
+# --- Masks in a sequence: the bright frame, 5 and 15 minutes after it ends --------------
+
+@pytest.fixture(scope="module")
+def masked_sequence(bright_exposure, tmp_path_factory):
+    """The bright exposure and two exposures of the field without the star, starting 5 and
+    15 minutes after it ended, reduced in order into one persistency folder (the later
+    ones also without -persistency)."""
+    import dataclasses
+
+    from podi_simulate import write_true_calibrations
+    root = tmp_path_factory.mktemp("masked")
+    write_true_calibrations(BRIGHT, root / "cals")
+    end = BRIGHT.mjd + BRIGHT.exptime / 86400
+    later = {minutes: simulate_exposure(dataclasses.replace(
+        BRIGHT, extra_stars=(), seed=22 + minutes, sequence=2 + minutes, mjd=end + minutes / 1440),
+        root / "raw", ncpus=2) for minutes in (5, 15)}
+    outputs = {}
+    for key, exposure in (("bright", bright_exposure), (5, later[5]), (15, later[15])):
+        outputs[key] = root / f"{key}.fits"
+        assert run_collectcells(exposure, outputs[key], f"-cals={root / 'cals'}", "-ncpus=2",
+                                f"-persistency={root / 'persistency'}") == 0
+    for minutes in (5, 15):
+        outputs[(minutes, "plain")] = root / f"{minutes}_plain.fits"
+        assert run_collectcells(later[minutes], outputs[(minutes, "plain")], f"-cals={root / 'cals'}",
+                                "-ncpus=2") == 0
+    return outputs
+
+
+def saturated_in_image(exposure, ota, binning=2):
+    """OTA pixels (rows, columns) that hold a raw pixel at 65535 (science sections only)."""
+    from podi_definitions import cell_to_ota
+    rows, columns = [], []
+    for cx, cy, x, y in raw_saturated(exposure / f"{exposure.name}.{ota}.fits"):
+        cell_rows, cell_columns = cell_to_ota(cx, cy, binning)
+        if x < cell_columns.stop - cell_columns.start and y < cell_rows.stop - cell_rows.start:
+            rows.append(cell_rows.start + y)
+            columns.append(cell_columns.start + x)
+    return np.array(rows), np.array(columns)
+
+
+def test_trails_are_masked_in_their_own_frame(masked_sequence, bright_exposure):
+    rows, columns = saturated_in_image(bright_exposure, 33)
+    with fits.open(masked_sequence["bright"]) as hdus:
+        image = hdus["OTA33.SCI"].data
+        assert hdus["OTA33.SCI"].header["SATMASK"] > 20
+        assert np.isnan(image[rows, columns]).all()
+        assert np.isfinite(image).mean() > 0.9
+
+
+def test_persistence_masked_5_minutes_later_untouched_15_minutes_later(masked_sequence, bright_exposure):
+    rows, columns = saturated_in_image(bright_exposure, 33)
+    with fits.open(masked_sequence[5]) as hdus:
+        assert np.isnan(hdus["OTA33.SCI"].data[rows, columns]).all()
+        assert hdus["OTA33.SCI"].header["PERSIS01"] == f"{bright_exposure.name}.saturated.fits"
+    with fits.open(masked_sequence[15]) as hdus, fits.open(masked_sequence[(15, "plain")]) as plain:
+        # The 5-minute frame (nothing saturated) is within 10 minutes, the bright one is not.
+        used = [value for key, value in hdus["OTA33.SCI"].header.items() if key.startswith("PERSIS")]
+        assert f"{bright_exposure.name}.saturated.fits" not in used and len(used) == 1
+        # Where the bright star saturated, the 15-minute frame is as reduced without masks.
+        np.testing.assert_array_equal(hdus["OTA33.SCI"].data[rows, columns],
+                                      plain["OTA33.SCI"].data[rows, columns])
+        assert np.isfinite(hdus["OTA33.SCI"].data[rows, columns]).all()
