@@ -15,8 +15,24 @@ The camera itself (gains, read noise, bias structure, flat field, dark current, 
 pixels, bad columns, nonlinearity) is fixed by an *instrument seed*, so that bias,
 dark, flat and object exposures of one camera share their signatures as real ones
 do; each exposure's noise, cosmic rays and bias drift come from its own seed.
-Each effect can be switched off (see :class:`Effects`). Later steps (persistence)
-add functions to :data:`SIGNAL_STEPS`.
+Each effect can be switched off (see :class:`Effects`). Saturation is the ADC's: a
+raw value is clipped at 65535 (``SATURATION_ADU``); charge does not bleed along the
+columns.
+
+Persistence (``--persistence-from FILES``; automatic within a ``--count`` sequence): a
+pixel that saturated in an earlier exposure releases trapped charge afterwards, at::
+
+    A1 exp(-t / TAU1) + A2 exp(-t / TAU2)   electrons per second per unbinned pixel
+
+``t`` seconds after the end of the saturating exposure (:data:`PERSISTENCE_A1` ...);
+integrated over an exposure that runs from ``t0`` to ``t1`` it adds
+``sum A tau (exp(-t0 / tau) - exp(-t1 / tau))`` electrons (:func:`persistence_electrons`)
+to the electron image like dark current, in object, dark and flat frames. Every
+truth record lists its saturated pixels (extension ``SATURATED``: ``ota``, ``x``,
+``y``, pixels whose raw value reached 65535 before crosstalk) and when the exposure
+ended (``MJDEND``); an exposure with persistence also holds the charge it received
+(extension ``PERSIST``: ``ota``, ``x``, ``y``, ``electrons``) and the constants
+(``PERSA1``, ``PERST1``, ``PERSA2``, ``PERST2``).
 
 Fringes (``--fringes AMPLITUDE``) are light of the night-sky lines interfering in
 the thin CCD: ``AMPLITUDE x sky electrons x P`` is added to the sky of object
@@ -149,6 +165,27 @@ PUPILGHOST_DIPOLE = 0.1
 #: counter-clockwise); it turns with the rotator, so that a template must be turned too.
 PUPILGHOST_DIPOLE_ANGLE = 40.0
 
+#: Persistence, fast term: release rate (e-/s per unbinned pixel) of a saturated pixel
+#: right after the end of the saturating exposure ...
+PERSISTENCE_A1 = 2.0
+
+#: ... and its decay time (s).
+PERSISTENCE_TAU1 = 30.0
+
+#: Persistence, slow term: release rate (e-/s per unbinned pixel) at the end of the
+#: saturating exposure. 5 rather than 0.5: 300 s later a 300 s exposure then gets
+#: ~80 e- per unbinned pixel, clearly above the sky noise of a 300 s r frame (~30 e-);
+#: 900 s later only ~2 e-.
+PERSISTENCE_A2 = 5.0
+
+#: ... and its decay time (s): of the order of the ~100 s the original pipeline's
+#: double-exponential fits found.
+PERSISTENCE_TAU2 = 150.0
+
+#: Slack (s) when comparing exposure times: MJDs in float64 are exact to ~1e-6 s, so
+#: a sequence whose exposures follow without a pause may seem to overlap by that much.
+TIME_TOLERANCE = 1e-3
+
 
 @dataclass
 class Effects:
@@ -205,6 +242,7 @@ class ExposureSpec:
     moving_start: tuple = None  # its (ra, dec) at moving_epoch; None: field centre + (0.05, 0.05) deg
     moving_epoch: float = None  # MJD of moving_start; None: this exposure's mjd
     moving_mag: float = 17.0    # its magnitude in every band
+    persistence_from: tuple = ()  # truth files of earlier exposures whose saturated pixels leave charge
     effects: Effects = dataclasses.field(default_factory=Effects)
 
 
@@ -872,6 +910,88 @@ def _cosmic_rays(image, exptime, rng):
         image[ys, xs] += np.float32(rng.uniform(300, 5000))
 
 
+def exposure_length(spec):
+    """Time (s) the exposure collects charge: 0 for a bias."""
+    return 0.0 if spec.obstype == "BIAS" else float(spec.exptime)
+
+
+def persistence_electrons(t0, t1):
+    """Charge a saturated unbinned pixel releases between ``t0`` and ``t1``.
+
+    Parameters
+    ----------
+    t0, t1 : float
+        Seconds after the end of the saturating exposure, ``0 <= t0 <= t1``.
+
+    Returns
+    -------
+    float
+        Electrons: ``sum A tau (exp(-t0 / tau) - exp(-t1 / tau))`` over the fast and the
+        slow term (:data:`PERSISTENCE_A1`, :data:`PERSISTENCE_TAU1`, ...).
+    """
+    return sum(rate * tau * (math.exp(-t0 / tau) - math.exp(-t1 / tau))
+               for rate, tau in ((PERSISTENCE_A1, PERSISTENCE_TAU1),
+                                 (PERSISTENCE_A2, PERSISTENCE_TAU2)))
+
+
+def _saturation_record(path):
+    """Binning, end (MJD) and saturated pixels (``ota``, ``x``, ``y``) of a truth file."""
+    with fits.open(path) as hdus:
+        header = hdus[0].header
+        if "SATURATED" not in hdus or "MJDEND" not in header:
+            raise ValueError(f"persistence from {path}: not a truth record with a SATURATED "
+                             f"table and MJDEND")
+        return header["BINNING"], header["MJDEND"], Table(hdus["SATURATED"].data)
+
+
+def persistence_charge(spec, ota=None):
+    """Charge the saturated pixels of ``spec.persistence_from`` release in this exposure.
+
+    Each earlier exposure's saturated pixels release :func:`persistence_electrons` over
+    this exposure's ``[start, end]`` counted from that exposure's ``MJDEND``, times
+    ``binning**2`` (the rates are per unbinned pixel).
+
+    Parameters
+    ----------
+    spec : ExposureSpec
+    ota : int, optional
+        Only this OTA's pixels; default all.
+
+    Returns
+    -------
+    astropy.table.Table
+        ``ota``, ``x``, ``y`` (0-based pixels of the exposure's binning) and
+        ``electrons``, one row per pixel: where several earlier exposures saturated the
+        same pixel their charges add up. All zero for a bias.
+
+    Raises
+    ------
+    ValueError
+        If a truth file has another binning than this exposure, lacks the saturation
+        record, or ends after this exposure starts.
+    """
+    otas, xs, ys, charges = [np.zeros(0, int)] * 3 + [np.zeros(0)]
+    for path in spec.persistence_from:
+        binning, end_mjd, saturated = _saturation_record(path)
+        if binning != spec.binning:
+            raise ValueError(f"persistence from {path}: its binning {binning} differs from this "
+                             f"exposure's {spec.binning}; saturated pixels cannot be mapped")
+        start = (spec.mjd - end_mjd) * 86400
+        if start < -TIME_TOLERANCE:
+            raise ValueError(f"persistence from {path}: it ends {-start:.3f} s after this exposure "
+                             f"starts (MJD {spec.mjd}); persistence needs an earlier exposure")
+        start = max(start, 0.0)
+        if ota is not None:
+            saturated = saturated[saturated["ota"] == ota]
+        charge = spec.binning**2 * persistence_electrons(start, start + exposure_length(spec))
+        otas, xs, ys = (np.concatenate([old, np.asarray(saturated[name], int)])
+                        for old, name in ((otas, "ota"), (xs, "x"), (ys, "y")))
+        charges = np.concatenate([charges, np.full(len(saturated), charge)])
+    pixels, inverse = np.unique(np.column_stack([otas, ys, xs]), axis=0, return_inverse=True)
+    electrons = np.bincount(inverse.ravel(), weights=charges, minlength=len(pixels))
+    return Table({"ota": pixels[:, 0], "x": pixels[:, 2], "y": pixels[:, 1], "electrons": electrons})
+
+
 #: Steps building the electron image of an OTA, in order; each takes
 #: ``(image, spec, instrument, ota, rng)`` and changes ``image`` in place.
 def _apply_flat(image, spec, instrument, ota, rng):
@@ -884,12 +1004,19 @@ def _add_dark(image, spec, instrument, ota, rng):
         image += instrument.dark_current(ota, spec.binning) * np.float32(spec.exptime)
 
 
+def _add_persistence(image, spec, instrument, ota, rng):
+    # Released charge is no light: it bypasses the flat field, like dark current.
+    if spec.persistence_from and spec.obstype != "BIAS":
+        charge = persistence_charge(spec, ota)
+        image[charge["y"], charge["x"]] += charge["electrons"].astype(np.float32)
+
+
 def _add_cosmics(image, spec, instrument, ota, rng):
     if spec.effects.cosmics and spec.obstype != "BIAS":
         _cosmic_rays(image, spec.exptime, rng)
 
 
-SIGNAL_STEPS = [_apply_flat, _add_dark, _add_cosmics]
+SIGNAL_STEPS = [_apply_flat, _add_dark, _add_persistence, _add_cosmics]
 
 
 #: Above this many electrons a pixel's Poisson noise is drawn from the Gaussian
@@ -917,8 +1044,9 @@ def simulate_ota(spec, ota, stars, wcs_header, path, primary_cards):
     Returns
     -------
     dict
-        ``stars`` (index into the field, x, y, flux in electrons) and ``cells``
-        (gain, read noise, bias level of each cell for this exposure).
+        ``stars`` (index into the field, x, y, flux in electrons), ``cells``
+        (gain, read noise, bias level of each cell for this exposure) and
+        ``saturated`` (ota, x, y of the saturated OTA pixels).
     """
     layout = layout_by_name(spec.layout)
     instrument = Instrument(layout, spec.instrument_seed, spec.effects)
@@ -949,6 +1077,8 @@ def simulate_ota(spec, ota, stars, wcs_header, path, primary_cards):
         cells += rng.standard_normal(cells.shape, dtype=np.float32) * \
             read_noise[:, :, None, None].astype(np.float32)
     np.clip(cells, 0, SATURATION_ADU, out=cells)
+    # The ADC's last code: what rounds to 65535 before crosstalk mixes the cells.
+    saturated = cells[:, :, :geometry.science_rows, :geometry.science_cols] >= SATURATION_ADU - 0.5
     if spec.effects.crosstalk:
         forward = _crosstalk_forward(spec)
         cells = podi_crosstalk.apply_crosstalk(cells, forward)
@@ -964,7 +1094,20 @@ def simulate_ota(spec, ota, stars, wcs_header, path, primary_cards):
     cell_truth["bias_level"] = [level[cy, cx] if spec.effects.bias else 0.0 for cx, cy in all_cells()]
     star_truth["ota"] = np.full(len(star_truth), ota)
     flat_inputs = binned_flat(instrument, ota, spec.binning) if spec.obstype == "OBJECT" else None
-    return {"stars": star_truth, "cells": cell_truth, "binned_flat": flat_inputs}
+    return {"stars": star_truth, "cells": cell_truth, "binned_flat": flat_inputs,
+            "saturated": _saturated_pixels(saturated, ota, spec.binning)}
+
+
+def _saturated_pixels(saturated, ota, binning):
+    """Table ``ota``, ``x``, ``y`` (OTA pixels) of a ``[cy, cx, row, col]`` science mask."""
+    xs, ys = [], []
+    for cx, cy in all_cells():
+        rows, cols = np.nonzero(saturated[cy, cx])
+        x1, y1 = cell_origin(cx, cy, binning)
+        xs.append(x1 + cols)
+        ys.append(y1 + rows)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return Table({"ota": np.full(x.size, ota), "x": x, "y": y})
 
 
 def _crosstalk_forward(spec):
@@ -1088,8 +1231,10 @@ def simulate_exposure(spec, outdir, ncpus=None):
         raise ValueError(f"OTAs {sorted(unknown)} do not exist in layout {layout.name}")
     if spec.pupilghost < 0:
         raise ValueError(f"pupil-ghost amplitude {spec.pupilghost} is negative")
-    # Read the ghost's profile file now: a bad one fails before anything is written.
+    # Read the ghost's profile and the persistence sources now: bad ones fail before
+    # anything is written.
     ghost = pupil_ghost(spec)
+    persistence = persistence_charge(spec) if spec.persistence_from else None
     outdir = Path(outdir)
     name = exposure_name(spec)
     directory = outdir / name
@@ -1115,7 +1260,7 @@ def simulate_exposure(spec, outdir, ncpus=None):
         with ProcessPoolExecutor(workers) as pool:
             results = list(pool.map(simulate_ota, *zip(*jobs)))
     write_truth(outdir / f"{name}.truth.fits", spec, otas, stars, results, wcs_headers,
-                (hdr_ra, hdr_dec), ghost)
+                (hdr_ra, hdr_dec), ghost, persistence)
     if spec.obstype == "OBJECT":
         rng = np.random.default_rng([spec.seed, 99])
         reference_catalog(stars, rng).write(outdir / f"{name}.refcat.fits", overwrite=True)
@@ -1289,10 +1434,12 @@ def write_true_calibrations(spec, outdir, gain=False):
     return written
 
 
-def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointing, ghost):
+def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointing, ghost,
+                persistence=None):
     """Write the truth record of an exposure (see module docstring).
 
-    ``ghost`` is the exposure's :class:`PupilGhost`.
+    ``ghost`` is the exposure's :class:`PupilGhost`; ``persistence`` the
+    :func:`persistence_charge` of the simulated OTAs, None without persistence.
     """
     primary = fits.PrimaryHDU()
     h = primary.header
@@ -1300,7 +1447,8 @@ def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointi
     h["LAYOUT"] = spec.layout
     h["BINNING"] = spec.binning
     h["FILTER"] = spec.filter
-    h["EXPTIME"] = spec.exptime if spec.obstype != "BIAS" else 0.0
+    h["EXPTIME"] = exposure_length(spec)
+    h["MJDEND"] = (spec.mjd + exposure_length(spec) / 86400, "end of the exposure (MJD)")
     h["SEED"] = spec.seed
     h["INSTSEED"] = spec.instrument_seed
     h["TRUE_RA"] = (spec.ra, "true pointing = tangent point (deg)")
@@ -1350,6 +1498,14 @@ def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointi
                         "flux_e": on_otas["flux"]})
     hdus = [primary, fits.BinTableHDU(star_table, name="STARS")]
     hdus.append(fits.BinTableHDU(vstack([r["cells"] for r in results]), name="CELLS"))
+    hdus.append(fits.BinTableHDU(vstack([r["saturated"] for r in results]), name="SATURATED"))
+    if persistence is not None:
+        h["PERSA1"] = (PERSISTENCE_A1, "persistence fast rate (e-/s/unbinned px)")
+        h["PERST1"] = (PERSISTENCE_TAU1, "persistence fast decay time (s)")
+        h["PERSA2"] = (PERSISTENCE_A2, "persistence slow rate (e-/s/unbinned px)")
+        h["PERST2"] = (PERSISTENCE_TAU2, "persistence slow decay time (s)")
+        simulated = persistence[np.isin(persistence["ota"], otas)]
+        hdus.append(fits.BinTableHDU(simulated, name="PERSIST"))
     for ota in otas:
         hdus.append(fits.ImageHDU(header=wcs_headers[ota], name=f"OTA{ota:02d}.WCS"))
     fits.HDUList(hdus).writeto(filename, overwrite=True)
@@ -1389,7 +1545,9 @@ def build_parser():
                         help="offset each exposure's true pointing from --ra/--dec at random, "
                              "uniformly within +-ARCSEC in dRA*cos(dec) and dDec (same star field)")
     parser.add_argument("--interval", type=float, default=60.0, metavar="SECONDS",
-                        help="time between the starts of the exposures of a --count sequence")
+                        help="time between the starts of the exposures of a --count sequence; "
+                             "each exposure gets the persistence of the earlier ones that ended "
+                             "before it starts (so make SECONDS >= --exptime)")
     parser.add_argument("--exptime", type=float, default=300.0)
     parser.add_argument("--filter", default="odi_r", choices=sorted(ZP_E))
     parser.add_argument("--mjd", type=float, default=None,
@@ -1418,6 +1576,9 @@ def build_parser():
     parser.add_argument("--moving", default=None, metavar="dRA,dDec",
                         help="add a moving target (object frames) moving at dRA*cos(dec),dDec "
                              "arcsec/hour, starting 0.05 deg north-east of the field centre")
+    parser.add_argument("--persistence-from", default=None, metavar="FILES",
+                        help="comma-separated truth files of earlier exposures (same binning) "
+                             "whose saturated pixels release charge into these exposures")
     parser.add_argument("--crosstalk", default=None, help="crosstalk matrix file (XTALK.FWD)")
     parser.add_argument("--ncpus", type=int, default=None)
     parser.add_argument("--write-nonlinearity", metavar="DIR", default=None,
@@ -1434,6 +1595,7 @@ def spec_from_args(args):
     otas = tuple(int(o) for o in args.otas.split(",")) if args.otas else None
     error = tuple(float(v) for v in args.pointing_error.split(","))
     moving = _parse_rate(args.moving) if args.moving is not None else None
+    persistence = tuple(args.persistence_from.split(",")) if args.persistence_from else ()
     return ExposureSpec(obstype=args.obstype, layout=args.layout, otas=otas, binning=args.binning,
                         seed=args.seed, exptime=args.exptime, filter=args.filter, mjd=mjd,
                         ra=args.ra, dec=args.dec, pointing_error=error,
@@ -1441,7 +1603,8 @@ def spec_from_args(args):
                         fwhm=args.fwhm, sky_rate=args.sky, fringe_amplitude=args.fringes,
                         flat_level=args.flat_level, rotator_angle=args.rotator,
                         pupilghost=args.pupilghost, pupilghost_profile=args.pupilghost_profile,
-                        crosstalk_file=args.crosstalk, moving=moving, effects=effects)
+                        crosstalk_file=args.crosstalk, moving=moving, persistence_from=persistence,
+                        effects=effects)
 
 
 def _parse_rate(text):
@@ -1461,12 +1624,24 @@ def main(argv=None):
         if spec.moving is not None:
             # The target's path is one for the whole sequence: it starts at the first exposure.
             spec = dataclasses.replace(spec, moving_epoch=spec.mjd)
+        earlier = []  # (truth file, end MJD) of the sequence's exposures so far
         for i in range(args.count):
-            this = dataclasses.replace(spec, seed=spec.seed + i, sequence=i + 1,
-                                       mjd=spec.mjd + i * args.interval / 86400, field_seed=spec.seed)
+            mjd = spec.mjd + i * args.interval / 86400
+            # The sequence's own history; exposures that overlap this one (--interval
+            # shorter than --exptime) cannot have left charge before it started.
+            history = tuple(str(truth) for truth, end in earlier
+                            if (mjd - end) * 86400 >= -TIME_TOLERANCE)
+            if len(history) < len(earlier):
+                logger.warning("exposure %d overlaps earlier ones (--interval %g s): no persistence "
+                               "from those", i + 1, args.interval)
+            this = dataclasses.replace(spec, seed=spec.seed + i, sequence=i + 1, mjd=mjd,
+                                       field_seed=spec.seed,
+                                       persistence_from=spec.persistence_from + history)
             if args.dither:
                 this = dithered(this, args.dither)
             directory = simulate_exposure(this, args.outdir, args.ncpus)
+            earlier.append((directory.parent / f"{directory.name}.truth.fits",
+                            mjd + exposure_length(this) / 86400))
             print(directory)
         if args.write_nonlinearity:
             layout = layout_by_name(spec.layout)

@@ -98,9 +98,11 @@ def masked_sequence(bright_exposure, tmp_path_factory):
     root = tmp_path_factory.mktemp("masked")
     write_true_calibrations(BRIGHT, root / "cals")
     end = BRIGHT.mjd + BRIGHT.exptime / 86400
+    # The simulator leaves the bright frame's persistent charge in the later ones.
+    truth = bright_exposure.parent / f"{bright_exposure.name}.truth.fits"
     later = {minutes: simulate_exposure(dataclasses.replace(
-        BRIGHT, extra_stars=(), seed=22 + minutes, sequence=2 + minutes, mjd=end + minutes / 1440),
-        root / "raw", ncpus=2) for minutes in (5, 15)}
+        BRIGHT, extra_stars=(), seed=22 + minutes, sequence=2 + minutes, mjd=end + minutes / 1440,
+        persistence_from=(str(truth),)), root / "raw", ncpus=2) for minutes in (5, 15)}
     outputs = {}
     for key, exposure in (("bright", bright_exposure), (5, later[5]), (15, later[15])):
         outputs[key] = root / f"{key}.fits"
@@ -110,6 +112,7 @@ def masked_sequence(bright_exposure, tmp_path_factory):
         outputs[(minutes, "plain")] = root / f"{minutes}_plain.fits"
         assert run_collectcells(later[minutes], outputs[(minutes, "plain")], f"-cals={root / 'cals'}",
                                 "-ncpus=2") == 0
+    outputs["later"] = later
     return outputs
 
 
@@ -136,7 +139,12 @@ def test_trails_are_masked_in_their_own_frame(masked_sequence, bright_exposure):
 
 def test_persistence_masked_5_minutes_later_untouched_15_minutes_later(masked_sequence, bright_exposure):
     rows, columns = saturated_in_image(bright_exposure, 33)
+    exposure = masked_sequence["later"][5]
+    charge = fits.getdata(exposure.parent / f"{exposure.name}.truth.fits", "PERSIST")
+    charge = charge[(charge["ota"] == 33) & (charge["electrons"] > 10)]
+    assert len(charge) > 20  # the simulator left charge to be masked
     with fits.open(masked_sequence[5]) as hdus:
+        assert np.isnan(hdus["OTA33.SCI"].data[charge["y"], charge["x"]]).all()
         assert np.isnan(hdus["OTA33.SCI"].data[rows, columns]).all()
         assert hdus["OTA33.SCI"].header["PERSIS01"] == f"{bright_exposure.name}.saturated.fits"
     with fits.open(masked_sequence[15]) as hdus, fits.open(masked_sequence[(15, "plain")]) as plain:
