@@ -28,6 +28,8 @@ def mastercals(realdata):
 
 import dataclasses  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from podi_simulate import Effects, ExposureSpec, simulate_exposure  # noqa: E402
 
 #: OTAs of the small test camera: two of the central 2x2 (they define the flat
@@ -92,6 +94,19 @@ def true_cals(tmp_path_factory):
     directory = tmp_path_factory.mktemp("truecals")
     write_true_calibrations(OBJECT_SPEC, directory)
     return directory
+
+
+def raw_ota_image(exposure, ota, binning=TEST_BINNING):
+    """Science pixels of an OTA's raw cells as one OTA array (ADU; NaN between cells)."""
+    from podi_definitions import all_cells, cell_to_ota, science_section
+    from podi_rawdata import find_exposure, open_raw_ota
+    rows, cols = science_section(binning)
+    image = np.full((4096 // binning,) * 2, np.nan)
+    with open_raw_ota(find_exposure(exposure).ota_files[ota]) as raw:
+        cells = raw.cells()
+    for cx, cy in all_cells():
+        image[cell_to_ota(cx, cy, binning)] = cells[cy, cx, rows, cols]
+    return image
 
 
 def run_collectcells(*args):

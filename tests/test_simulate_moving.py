@@ -14,8 +14,8 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from podi_definitions import all_cells, cell_to_ota, science_section
-from podi_rawdata import find_exposure, open_raw_ota
+from conftest import raw_ota_image
+from podi_rawdata import find_exposure
 from podi_simulate import Effects, ExposureSpec, main, moving_target, simulate_exposure, true_ota_wcs
 
 BINNING = 2
@@ -35,15 +35,6 @@ def moving_spec(**changes):
     return dataclasses.replace(base, **changes)
 
 
-def raw_ota_image(exposure, ota):
-    """Science pixels of an OTA's raw cells as one OTA array (ADU; NaN between cells)."""
-    rows, cols = science_section(BINNING)
-    image = np.full((4096 // BINNING,) * 2, np.nan)
-    with open_raw_ota(find_exposure(exposure).ota_files[ota]) as raw:
-        cells = raw.cells()
-    for cx, cy in all_cells():
-        image[cell_to_ota(cx, cy, BINNING)] = cells[cy, cx, rows, cols]
-    return image
 
 
 def separation_arcsec(ra1, dec1, ra2, dec2):

@@ -13,8 +13,8 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from podi_definitions import SATURATION_ADU, all_cells, cell_to_ota, ota_to_cell, science_section
-from podi_rawdata import find_exposure, open_raw_ota
+from conftest import raw_ota_image
+from podi_definitions import SATURATION_ADU, ota_to_cell
 from podi_simulate import Effects, ExposureSpec, main, simulate_exposure, true_ota_wcs
 
 BINNING = 2
@@ -48,15 +48,6 @@ def truth_path(exposure):
     return exposure.parent / f"{exposure.name}.truth.fits"
 
 
-def raw_ota_image(exposure, ota=OTA):
-    """Science pixels of an OTA's raw cells as one OTA array (ADU; NaN between cells)."""
-    rows, cols = science_section(BINNING)
-    image = np.full((4096 // BINNING,) * 2, np.nan)
-    with open_raw_ota(find_exposure(exposure).ota_files[ota]) as raw:
-        cells = raw.cells()
-    for cx, cy in all_cells():
-        image[cell_to_ota(cx, cy, BINNING)] = cells[cy, cx, rows, cols]
-    return image
 
 
 def table(truth, name):
@@ -84,7 +75,7 @@ def test_saturated_pixels_are_the_raw_65535_of_the_bright_star(frames):
     stars, _ = table(truth_path(frames["first"]), "STARS")
     assert header["MJDEND"] == pytest.approx(MJD + EXPTIME / 86400, abs=1e-9)
     assert len(saturated) > 50 and set(saturated["ota"]) == {OTA}
-    raw = raw_ota_image(frames["first"])
+    raw = raw_ota_image(frames["first"], OTA)
     y, x = np.nonzero(raw == SATURATION_ADU)
     assert set(zip(saturated["x"], saturated["y"])) == set(zip(x, y))
     (star,) = stars[stars["mag"] == BRIGHT_MAG]
@@ -107,7 +98,7 @@ def test_five_minutes_later_the_pixels_hold_the_released_charge(frames):
 
     cells, _ = table(truth_path(frames["later"]), "CELLS")
     gain = {(row["cx"], row["cy"]): row["gain"] for row in cells}
-    difference = raw_ota_image(frames["later"]) - raw_ota_image(frames["clean"])
+    difference = raw_ota_image(frames["later"], OTA) - raw_ota_image(frames["clean"], OTA)
     pixel_gain = np.array([gain[ota_to_cell(x, y, BINNING)[:2]] for x, y in zip(persist["x"], persist["y"])])
     # Each raw value is rounded to an integer ADU.
     np.testing.assert_allclose(difference[persist["y"], persist["x"]], persist["electrons"] / pixel_gain,

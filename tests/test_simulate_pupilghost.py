@@ -14,8 +14,8 @@ from astropy.io import fits
 
 import podi_pupilghost
 from podi_calibfiles import pupilghost_template_name
-from podi_definitions import PODI, all_cells, cell_to_ota, ota_origin_in_focal_plane, science_section
-from podi_rawdata import find_exposure, open_raw_ota
+from conftest import raw_ota_image
+from podi_definitions import PODI, all_cells, cell_to_ota, ota_origin_in_focal_plane
 from podi_simulate import (Effects, ExposureSpec, Instrument, build_parser, main, simulate_exposure,
                            sky_electrons, spec_from_args, true_pupilghost, true_signal,
                            write_true_calibrations)
@@ -209,15 +209,6 @@ def test_command_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def raw_ota_image(exposure, ota):
-    """Science pixels of an OTA's raw cells as one OTA array (ADU; NaN between cells)."""
-    rows, cols = science_section(BINNING)
-    image = np.full((4096 // BINNING,) * 2, np.nan)
-    with open_raw_ota(find_exposure(exposure).ota_files[ota]) as raw:
-        cells = raw.cells()
-    for cx, cy in all_cells():
-        image[cell_to_ota(cx, cy, BINNING)] = cells[cy, cx, rows, cols]
-    return image
 
 
 def test_dome_flat_shows_the_ring(tmp_path):
