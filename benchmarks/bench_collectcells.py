@@ -1,7 +1,7 @@
 """Benchmark: podi_collectcells on a full 13-OTA pODI exposure (run by hand).
 
     python benchmarks/bench_collectcells.py [--ncpus N] [--repeat N] [--fixwcs] [--photcalib]
-        [--plots] [--fringe] [--pupilghost]
+        [--plots] [--fringe] [--pupilghost] [--persistency]
 
 Simulates once (cached in benchmarks/cache/) a full unbinned exposure with every
 effect and ~5,000 detectable stars, perfect masters in electrons and the camera's
@@ -14,7 +14,8 @@ these, and prints what each adds and how many sources the catalog holds.
 perfect template and vectors) with and without ``-fringe``: what the measure and
 apply phases add. ``--pupilghost`` does the same with a third cached exposure
 (odi_r, the pupil ghost at rotator angle 15 degrees, its true template made at 0)
-and ``-pupilghost``. Every run reports wall time and CPU-seconds (user + system of
+and ``-pupilghost``. ``--persistency`` times the main exposure with ``-persistency``
+(its saturation trails masked, its catalog written and indexed). Every run reports wall time and CPU-seconds (user + system of
 all its processes); the floor (``floor.py``: read, overscan, place cells, write)
 is timed in the same run. Also printed: the time of each stage (from one OTA
 reduced in this process) and the peak memory of the whole run.
@@ -165,6 +166,7 @@ def main():
                         help="also time the QA plots (implies --fixwcs)")
     parser.add_argument("--fringe", action="store_true", help="also time -fringe")
     parser.add_argument("--pupilghost", action="store_true", help="also time -pupilghost")
+    parser.add_argument("--persistency", action="store_true", help="also time -persistency")
     args = parser.parse_args()
     exposure, cals = prepare()
     output = CACHE / "reduced.fits"
@@ -193,6 +195,13 @@ def main():
         print(f"  PUPLGFAC / SKYLEVEL {header['PUPLGFAC'] / header['SKYLEVEL']:.4f} (true 1); centre "
               f"({header['PUPLGCX']:.1f}, {header['PUPLGCY']:.1f}), true ({truth['PGCNTR_X']:.1f}, "
               f"{truth['PGCNTR_Y']:.1f})")
+    if args.persistency:
+        folder = CACHE / "persistency"
+        masked = collectcells_runs(exposure, output, flags + [f"-persistency={folder}"], args.repeat)
+        saturated = sum(len(hdu.data) for hdu in fits.open(next(folder.glob("*.saturated.fits")))[1:])
+        print(f"-persistency: {masked[0]:.2f} s wall, {masked[1]:.2f} CPU-s; adds "
+              f"{masked[0] - base[0]:.2f} s and {masked[1] - base[1]:.2f} CPU-s ({saturated} saturated "
+              "raw pixels)")
     # Each step adds to the one before; the last turns the QA plots on.
     steps = []
     if args.fixwcs or args.photcalib or args.plots:

@@ -81,6 +81,24 @@ def test_two_processes_write_one_index(tmp_path):
         assert connection.execute("SELECT COUNT(*) FROM catalogs").fetchone() == (80,)
 
 
+def test_two_reductions_into_one_folder_at_once(masked_sequence, tmp_path):
+    """Two podi_collectcells processes reduce different frames into one folder at the same
+    time; a third process reads an index that lists both."""
+    import subprocess
+    import sys
+    folder = tmp_path / "shared"
+    cals = masked_sequence["bright"].parent / "cals"
+    runs = [subprocess.Popen([sys.executable, "-m", "podi_collectcells", str(exposure),
+                              str(tmp_path / f"{minutes}.fits"), f"-cals={cals}", "-ncpus=1",
+                              f"-persistency={folder}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for minutes, exposure in masked_sequence["later"].items()]
+    assert [run.wait(300) for run in runs] == [0, 0]
+    listing = subprocess.run([sys.executable, "-c", "import sys, podi_persistency; print(*[row[1] for "
+                              "row in podi_persistency.indexed_catalogs(sys.argv[1])])", str(folder)],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(listing) == sorted(exposure.name for exposure in masked_sequence["later"].values())
+
+
 def test_no_index_yet_lists_nothing(tmp_path):
     assert podi_persistency.indexed_catalogs(tmp_path) == []
 
