@@ -363,7 +363,7 @@ def collectcells(options, argv=()):
         if settings.reduction.persistency:
             # Written once the frame is safe: the next exposures mask its persistence.
             podi_persistency.write_catalog(settings.reduction.persistency, exposure.base, first_header,
-                                           {ota: result.saturated for ota, result in results.items()})
+                                           binning, {ota: r.saturated for ota, r in results.items()})
     except JobsTimedOut as error:
         stream.abort()
         raise ReductionError(f"timed out after {settings.timeout:g} s ({error}); no output written") \

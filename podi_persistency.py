@@ -68,7 +68,7 @@ def catalog_path(directory, exposure_name):
     return Path(directory) / f"{exposure_name}{CATALOG_SUFFIX}"
 
 
-def write_catalog(directory, exposure_name, primary_header, saturated):
+def write_catalog(directory, exposure_name, primary_header, binning, saturated):
     """Write an exposure's saturation catalog (atomically) and add it to the index.
 
     Parameters
@@ -78,6 +78,8 @@ def write_catalog(directory, exposure_name, primary_header, saturated):
     exposure_name : str
     primary_header : astropy.io.fits.Header
         Raw primary header of the exposure (``MJD-OBS``, ``EXPTIME``).
+    binning : int
+        Binning of the raw cells (``SATBIN``: catalogs are read at any binning).
     saturated : dict
         OTA -> :func:`saturated_pixels` table.
 
@@ -89,6 +91,7 @@ def write_catalog(directory, exposure_name, primary_header, saturated):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     primary = fits.PrimaryHDU(header=primary_header.copy())
+    primary.header["SATBIN"] = (binning, "binning of the raw cells")
     primary.header["NSATOTA"] = (len(saturated), "OTAs read")
     primary.header["NSATPIX"] = (int(sum(len(t) for t in saturated.values())), "saturated raw pixels")
     tables = [fits.BinTableHDU(saturated[ota], name=f"{ota_extname(ota)[:5]}.SATPIX")
@@ -147,17 +150,18 @@ def catalog_of_exposure(exposure, directory):
     -------
     Path
     """
-    saturated, primary = {}, None
+    saturated, primary, binning = {}, None, 1
     for ota, filename in sorted(exposure.ota_files.items()):
         try:
             with open_raw_ota(filename) as raw:
                 saturated[ota] = saturated_pixels(raw.cells())
-                primary = primary if primary is not None else raw.header.copy()
+                if primary is None:
+                    primary, binning = raw.header.copy(), raw.binning
         except RawDataError as error:
             logger.warning("OTA %02d left out of the saturation catalog: %s", ota, error)
     if primary is None:
         raise RawDataError(f"{exposure.base}: no readable OTA file for the saturation catalog")
-    return write_catalog(directory, exposure.base, primary, saturated)
+    return write_catalog(directory, exposure.base, primary, binning, saturated)
 
 
 # --- Masks (in each OTA's worker) -------------------------------------------------------
@@ -223,9 +227,17 @@ def mask_saturation(image, saturated, binning, trails, catalog_binning=None):
 
 
 def earlier_catalogs(directory, mjd):
-    """Index rows of the exposures that ended within :data:`PERSISTENCE_SECONDS` before ``mjd``."""
-    return [row for row in indexed_catalogs(directory, mjd - 2 * PERSISTENCE_SECONDS / 86400, mjd)
-            if 0 <= (mjd - row[3]) * 86400 <= PERSISTENCE_SECONDS]
+    """Index rows of the exposures that ended within :data:`PERSISTENCE_SECONDS` before
+    ``mjd`` (the decay is counted from the end of the saturating exposure)."""
+    if not (Path(directory) / INDEX_NAME).is_file():
+        return []
+    connection = _connect(directory)
+    try:
+        return connection.execute("SELECT path, exposure, mjd, mjd_end FROM catalogs WHERE mjd_end "
+                                  "BETWEEN ? AND ? ORDER BY mjd",
+                                  (mjd - PERSISTENCE_SECONDS / 86400, mjd)).fetchall()
+    finally:
+        connection.close()
 
 
 def read_catalog(path, ota):
@@ -234,4 +246,4 @@ def read_catalog(path, ota):
         name = f"{ota_extname(ota)[:5]}.SATPIX"
         if name not in hdus:
             return None
-        return np.array(hdus[name].data), int(hdus[0].header.get("CCDBIN1", 1))
+        return np.array(hdus[name].data), int(hdus[0].header.get("SATBIN", 1))

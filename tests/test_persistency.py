@@ -173,3 +173,37 @@ def test_persistence_masked_5_minutes_later_untouched_15_minutes_later(masked_se
         np.testing.assert_array_equal(hdus["OTA33.SCI"].data[rows, columns],
                                       plain["OTA33.SCI"].data[rows, columns])
         assert np.isfinite(hdus["OTA33.SCI"].data[rows, columns]).all()
+
+
+def one_pixel_catalog(cell_x, cell_y, x, y):
+    table = np.zeros(1, dtype=[("CELL_X", ">i2"), ("CELL_Y", ">i2"), ("X", ">i2"), ("Y", ">i2")])
+    table[0] = (cell_x, cell_y, x, y)
+    return table
+
+
+@pytest.mark.parametrize("catalog_binning, binning", [(1, 2), (2, 1), (2, 2)])
+def test_masks_across_binnings(catalog_binning, binning):
+    """A pixel saturated at one binning is masked at the same place of a frame of another:
+    raw-cell pixel (x, y) at binning b covers unbinned (b x .. b x + b - 1)."""
+    from podi_definitions import cell_origin, cell_to_ota
+    size = 4096 // binning
+    x_unbinned, y_unbinned = 200, 100  # first unbinned pixel of the saturated one
+    catalog = one_pixel_catalog(3, 5, x_unbinned // catalog_binning, y_unbinned // catalog_binning)
+    x0, y0 = cell_origin(3, 5, binning)
+    width = max(1, catalog_binning // binning)  # binned columns the pixel covers
+    column = slice(x0 + x_unbinned // binning, x0 + x_unbinned // binning + width)
+    top = y0 + (y_unbinned + catalog_binning - 1) // binning  # its highest row
+
+    persistent = np.ones((size, size), np.float32)
+    podi_persistency.mask_saturation(persistent, catalog, binning, trails=False,
+                                     catalog_binning=catalog_binning)
+    assert np.isnan(persistent[y0:top + 1, column]).all()
+    assert np.isfinite(persistent[top + 1:, column]).all() and np.isfinite(persistent[:, column.stop]).all()
+    assert np.isnan(persistent).sum() == (top + 1 - y0) * width
+
+    trail = np.ones((size, size), np.float32)
+    podi_persistency.mask_saturation(trail, catalog, binning, trails=True, catalog_binning=catalog_binning)
+    lowest = y0 + y_unbinned // binning
+    cell_rows, _ = cell_to_ota(3, 5, binning)
+    assert np.isnan(trail[lowest:cell_rows.stop, column]).all()
+    assert np.isfinite(trail[:lowest, column]).all() and np.isfinite(trail[cell_rows.stop:, column]).all()
