@@ -47,6 +47,8 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -profile                   one process, under cProfile                      False
     -update_persistency_only   with -persistency: write the exposure's           False
                                saturation catalog into DIR and nothing else
+    -persistency_model         with -persistency: subtract the fitted persistent  False
+                               charge where weak, mask only where strong
     -fringe=DIR|FILE           fringe template (folder: fringe__<FILTER>.fits)  None (off)
     -fringevectors=DIR|FILE    folder of the fringe vector regions              None (template's folder)
     -pupilghost[=DIR|FILE]     pupil-ghost template (folder: pupilghost_template___level_<L>__bin<b>.fits;
@@ -348,6 +350,8 @@ FLAGS = (
     _switch("profile", "run in one process under cProfile"),
     _switch("update_persistency_only", "with -persistency: write the exposure's saturation "
             "catalog and nothing else"),
+    _switch("persistency_model", "with -persistency: subtract the fitted persistent charge of "
+            "earlier exposures where it is weak, mask it only where it is strong"),
     Flag("fringe", "fringe", None, "fringe template fringe__<FILTER>.fits, or its folder "
          "(a filter without one is left alone)", _text, metavar="=DIR|FILE"),
     Flag("fringevectors", "fringevectors", None, "folder of fringevectors__<FILTER>__OTA<xy>.reg "
@@ -431,8 +435,9 @@ def parse_commandline(argv):
         if options[step] and not options[needs]:
             logger.info("-%s needs -%s: turned on", step, needs)
             options[needs] = True
-    if options["update_persistency_only"] and options["persistency"] is None:
-        raise OptionError("-update_persistency_only needs -persistency=DIR")
+    for flag in ("update_persistency_only", "persistency_model"):
+        if options[flag] and options["persistency"] is None:
+            raise OptionError(f"-{flag} needs -persistency=DIR")
     return options
 
 

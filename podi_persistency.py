@@ -23,6 +23,7 @@ exposure's catalog and nothing else (the original needed a separate tool for bot
 """
 
 import logging
+import math
 import sqlite3
 from pathlib import Path
 
@@ -247,3 +248,114 @@ def read_catalog(path, ota):
         if name not in hdus:
             return None
         return np.array(hdus[name].data), int(hdus[0].header.get("SATBIN", 1))
+
+
+# --- The persistence model (-persistency_model) -----------------------------------------
+
+#: Decay time (s) of the model's persistent charge, ``A exp(-t / tau)`` per second after
+#: the end of the saturating exposure: the original's legacy model (125 s).
+PERSISTENCE_TAU = 125.0
+#: Persistent charge up to this many times the sky noise is subtracted; above, masked.
+CORRECTABLE_SIGMA = 10.0
+
+
+def _pixels(saturated, catalog_binning, binning):
+    """OTA pixels ``(rows, columns, cells)`` at ``binning`` of a catalog's saturated raw
+    pixels, with their cell's slices (science sections only; a binned catalog pixel
+    covers several unbinned ones)."""
+    geometry = cell_geometry(binning)
+    found = {}
+    for cx, cy, x, y in zip(saturated["CELL_X"], saturated["CELL_Y"], saturated["X"], saturated["Y"]):
+        cell = cell_to_ota(int(cx), int(cy), binning)
+        for column in range(int(x) * catalog_binning // binning,
+                            ((int(x) + 1) * catalog_binning - 1) // binning + 1):
+            for row in range(int(y) * catalog_binning // binning,
+                             ((int(y) + 1) * catalog_binning - 1) // binning + 1):
+                if column < geometry.science_cols and row < geometry.science_rows:
+                    found[(cell[0].start + row, cell[1].start + column)] = cell
+    rows = np.array([pixel[0] for pixel in found], dtype=np.intp)
+    columns = np.array([pixel[1] for pixel in found], dtype=np.intp)
+    return rows, columns, list(found.values())
+
+
+def decayed_charge(seconds_after, exptime):
+    """Model charge per unit amplitude collected in ``[t, t + exptime]`` seconds after the
+    end of the saturating exposure: ``tau (exp(-t/tau) - exp(-(t + exptime)/tau))``."""
+    return PERSISTENCE_TAU * (math.exp(-seconds_after / PERSISTENCE_TAU)
+                              - math.exp(-(seconds_after + exptime) / PERSISTENCE_TAU))
+
+
+def _fit_amplitude(excess, model):
+    """Least-squares ``excess = A x model``, clipped at 4 robust sigma; NaN without data."""
+    keep = np.isfinite(excess)
+    amplitude = math.nan
+    for _ in range(5):
+        if not np.any(model[keep] > 0):
+            return math.nan
+        amplitude = float(np.sum(excess[keep] * model[keep]) / np.sum(model[keep] ** 2))
+        residual = excess - amplitude * model
+        sigma = 1.4826 * float(np.median(np.abs(residual[keep])))
+        inside = keep & (np.abs(residual) <= 4 * max(sigma, 1e-12))
+        if (inside == keep).all():
+            break
+        keep = inside
+    return amplitude
+
+
+def correct_persistence(image, earlier, binning, exptime):
+    """Subtract the fitted persistent charge of earlier exposures; mask where it is strong.
+
+    The excess of the earlier exposures' saturated pixels over the median of their
+    cells is fitted, over all of them, as ``A x decayed_charge(t, exptime)`` (t: seconds
+    between each exposure's end and this one's start). Each exposure's charge
+    ``A x decayed_charge`` is subtracted from its pixels where it is at most
+    :data:`CORRECTABLE_SIGMA` times the sky noise (robust std of the image), and the
+    pixels are masked (NaN) where it is larger.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The OTA (data units), changed in place.
+    earlier : list of (numpy.ndarray, int, float)
+        Each earlier exposure's saturated pixels on this OTA, its binning, and the
+        seconds between its end and this exposure's start.
+    binning : int
+    exptime : float
+        This exposure's time (s).
+
+    Returns
+    -------
+    (float, int, int)
+        The fitted amplitude ``A`` (data units per second; NaN without pixels), and the
+        pixels corrected and masked.
+    """
+    groups = [(*_pixels(saturated, catalog_binning, binning), decayed_charge(seconds, exptime))
+              for saturated, catalog_binning, seconds in earlier]
+    if not sum(len(rows) for rows, *_ in groups):
+        return math.nan, 0, 0
+    sample = image[::7, ::7]
+    sample = sample[np.isfinite(sample)]
+    noise = 1.4826 * float(np.median(np.abs(sample - np.median(sample))))
+    medians = {}
+    excess, model = [], []
+    for rows, columns, cells, charge in groups:
+        for cell in cells:
+            key = (cell[0].start, cell[1].start)
+            if key not in medians:
+                medians[key] = float(np.nanmedian(image[cell]))
+        background = np.array([medians[(cell[0].start, cell[1].start)] for cell in cells])
+        excess.append(image[rows, columns] - background)
+        model.append(np.full(len(rows), charge))
+    amplitude = _fit_amplitude(np.concatenate(excess), np.concatenate(model))
+    corrected = masked = 0
+    for rows, columns, _, charge in groups:
+        level = amplitude * charge
+        if not math.isfinite(level):
+            continue
+        if level <= CORRECTABLE_SIGMA * noise:
+            image[rows, columns] -= np.float32(level)
+            corrected += len(rows)
+        else:
+            image[rows, columns] = np.nan
+            masked += len(rows)
+    return amplitude, corrected, masked

@@ -25,7 +25,7 @@ import podi_nonlinearity
 import podi_persistency
 from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, cell_geometry, cell_is_science,
                               cell_to_ota, layout_for_mjd, ota_extname)
-from podi_mef import CalibrationError, open_calibration, read_ota_image
+from podi_mef import CalibrationError, header_number, open_calibration, read_ota_image
 from podi_overscan import subtract_overscan
 from podi_rawdata import open_raw_ota
 
@@ -58,6 +58,8 @@ class ReductionSettings:
     persistency : str or None
         Folder of the night's saturation catalogs (:mod:`podi_persistency`): mask this
         frame's saturation trails and the persistence of the exposures before it.
+    persistency_model : bool
+        Subtract the fitted persistent charge where it is weak instead of masking.
     """
 
     crosstalk: str = None
@@ -69,6 +71,7 @@ class ReductionSettings:
     flat: str = None
     bpm: str = None
     persistency: str = None
+    persistency_model: bool = False
 
 
 @dataclass
@@ -351,14 +354,25 @@ def persistency(frame, settings):
     masked = podi_persistency.mask_saturation(frame.image, frame.saturated, frame.binning, trails=True)
     frame.header["SATMASK"] = (len(frame.saturated), "saturated raw pixels whose trails are masked")
     mjd = float(frame.primary.get("MJD-OBS", 0.0))
-    earlier = podi_persistency.earlier_catalogs(settings.persistency, mjd)
-    for number, (path, _, _, _) in enumerate(earlier, 1):
+    earlier = []
+    for number, (path, _, _, end) in enumerate(podi_persistency.earlier_catalogs(settings.persistency, mjd), 1):
         found = podi_persistency.read_catalog(path, frame.ota)
         if found is not None:
-            masked += podi_persistency.mask_saturation(frame.image, found[0], frame.binning, trails=False,
-                                                       catalog_binning=found[1])
-        frame.header[f"PERSIS{number:02d}"] = (Path(path).name[:68], "saturation catalog masked")
-    frame.record("persistency", f"{masked} pixels masked: trails and {len(earlier)} earlier exposures")
+            earlier.append((*found, (mjd - end) * 86400))
+        frame.header[f"PERSIS{number:02d}"] = (Path(path).name[:68], "saturation catalog used")
+    if settings.persistency_model:
+        amplitude, corrected, strong = podi_persistency.correct_persistence(
+            frame.image, earlier, frame.binning, float(frame.primary.get("EXPTIME", 0.0)))
+        frame.header["PERSAMP"] = (header_number(amplitude), "fitted persistence amplitude (BUNIT/s)")
+        frame.header["PERSTAU"] = (podi_persistency.PERSISTENCE_TAU, "persistence model decay time (s)")
+        frame.header["PERSCORR"] = (corrected, "persistent pixels corrected")
+        masked += strong
+    else:
+        for saturated, catalog_binning, _ in earlier:
+            masked += podi_persistency.mask_saturation(frame.image, saturated, frame.binning, trails=False,
+                                                       catalog_binning=catalog_binning)
+    frame.record("persistency", f"{masked} pixels masked: trails and {len(earlier)} earlier exposures"
+                 + (f", {corrected} corrected" if settings.persistency_model else ""))
 
 
 CELL_STAGES = [find_saturation, correct_crosstalk, overscan, nonlinearity, gain, assemble]

@@ -112,7 +112,8 @@ def reduction_settings(calibrations, options):
                              gain=options.get("gain", False),
                              bias=calibrations.get("bias"), dark=calibrations.get("dark"),
                              flat=calibrations.get("flat"), bpm=calibrations.get("bpm"),
-                             persistency=options.get("persistency"))
+                             persistency=options.get("persistency"),
+                             persistency_model=bool(options.get("persistency_model")))
 
 
 def run_settings(options, calibrations, corrections=()):

@@ -207,3 +207,34 @@ def test_masks_across_binnings(catalog_binning, binning):
     cell_rows, _ = cell_to_ota(3, 5, binning)
     assert np.isnan(trail[lowest:cell_rows.stop, column]).all()
     assert np.isfinite(trail[:lowest, column]).all() and np.isfinite(trail[cell_rows.stop:, column]).all()
+
+
+def test_model_corrects_weak_persistence_to_the_noise(masked_sequence, bright_exposure, tmp_path):
+    """With -persistency_model the 5-minute frame's persistent pixels are corrected, not
+    masked: they equal those of the same frame (same seed) simulated without
+    persistence, within the noise; uncorrected they stand far out."""
+    import dataclasses
+    exposure = masked_sequence["later"][5]
+    cals = masked_sequence["bright"].parent / "cals"
+    folder = masked_sequence["bright"].parent / "persistency"
+    spec = dataclasses.replace(BRIGHT, extra_stars=(), seed=27, sequence=7,
+                               mjd=fits.getval(exposure / f"{exposure.name}.33.fits", "MJD-OBS"))
+    clean = simulate_exposure(spec, tmp_path / "clean", ncpus=2)
+    modelled, plain = tmp_path / "modelled.fits", tmp_path / "plain.fits"
+    assert run_collectcells(exposure, modelled, f"-cals={cals}", "-ncpus=2", f"-persistency={folder}",
+                            "-persistency_model") == 0
+    assert run_collectcells(clean, plain, f"-cals={cals}", "-ncpus=2") == 0
+    rows, columns = saturated_in_image(bright_exposure, 33)
+    with fits.open(modelled) as hdus, fits.open(plain) as reference, \
+            fits.open(masked_sequence[(5, "plain")]) as uncorrected:
+        header = hdus["OTA33.SCI"].header
+        corrected = hdus["OTA33.SCI"].data[rows, columns]
+        truth = reference["OTA33.SCI"].data[rows, columns]
+        noise = reference["OTA33.SCI"].header["SKYNOISE"]
+        assert np.mean(uncorrected["OTA33.SCI"].data[rows, columns] - truth) > 3 * noise
+    assert header["PERSCORR"] >= len(rows) and header["PERSAMP"] > 0
+    assert np.isfinite(corrected).all()
+    difference = corrected - truth
+    # Noise of the same pixels in two frames with different seeds: sqrt(2) x noise each.
+    assert abs(np.mean(difference)) < 3 * math.sqrt(2) * noise / math.sqrt(len(rows))
+    assert np.std(difference) < 1.5 * math.sqrt(2) * noise
