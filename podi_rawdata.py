@@ -50,7 +50,8 @@ class Exposure:
     ota_files: dict = field(default_factory=dict)
 
 
-def _exposure_base_from_file(filename):
+def exposure_base_from_file(filename):
+    """The exposure name of one of its OTA files (from the file name, else `FILENAME`)."""
     match = _OTA_FILE.match(filename.name)
     if match:
         return match.group("base")
@@ -80,7 +81,7 @@ def find_exposure(path):
     if path.is_dir():
         directory, base = path, path.name
     elif path.is_file():
-        directory, base = path.parent, _exposure_base_from_file(path)
+        directory, base = path.parent, exposure_base_from_file(path)
     else:
         raise RawDataError(path, "no such file or directory")
     exposure = Exposure(directory.resolve(), base)

@@ -27,7 +27,7 @@ from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, 
                               cell_to_ota, layout_for_mjd, ota_extname)
 from podi_mef import CalibrationError, header_number, open_calibration, read_ota_image
 from podi_overscan import subtract_overscan
-from podi_rawdata import open_raw_ota
+from podi_rawdata import exposure_base_from_file, open_raw_ota
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +352,9 @@ def persistency(frame, settings):
     if settings.persistency is None:
         return
     masked = podi_persistency.mask_saturation(frame.image, frame.saturated, frame.binning, trails=True)
-    frame.header["SATMASK"] = (len(frame.saturated), "saturated raw pixels whose trails are masked")
+    catalog = podi_persistency.catalog_path("", exposure_base_from_file(frame.filename)).name
+    frame.header["SATMASK"] = (catalog[:68], "saturation catalog of this frame (trails masked)")
+    frame.header["NSATPIX"] = (len(frame.saturated), "saturated raw pixels")
     mjd = float(frame.primary.get("MJD-OBS", 0.0))
     earlier = []
     for number, (path, _, _, end) in enumerate(podi_persistency.earlier_catalogs(settings.persistency, mjd), 1):

@@ -15,9 +15,10 @@ The camera itself (gains, read noise, bias structure, flat field, dark current, 
 pixels, bad columns, nonlinearity) is fixed by an *instrument seed*, so that bias,
 dark, flat and object exposures of one camera share their signatures as real ones
 do; each exposure's noise, cosmic rays and bias drift come from its own seed.
-Each effect can be switched off (see :class:`Effects`). Saturation is the ADC's: a
-raw value is clipped at 65535 (``SATURATION_ADU``); charge does not bleed along the
-columns.
+Each effect can be switched off (see :class:`Effects`). A pixel holds at most
+:data:`FULL_WELL` electrons: the excess of a bright star bleeds along its column within
+the cell (the saturation trail); and the ADC clips raw values at 65535
+(``SATURATION_ADU``), which every pixel of a trail reaches.
 
 Persistence (``--persistence-from FILES``; automatic within a ``--count`` sequence): a
 pixel that saturated in an earlier exposure releases trapped charge afterwards, at::
@@ -1011,12 +1012,46 @@ def _add_persistence(image, spec, instrument, ota, rng):
         image[charge["y"], charge["x"]] += charge["electrons"].astype(np.float32)
 
 
+#: Electrons a pixel holds (unbinned); the excess spills along the column within the
+#: cell. Above the charge that reaches 65535 ADU at the simulated gains, so that every
+#: pixel of a bleeding trail is saturated in the raw data as well.
+FULL_WELL = 100000.0
+
+
+def _bleed(image, spec, instrument, ota, rng):
+    """Spill the charge above the full well along each column, within each cell.
+
+    The excess of a column's over-full pixels fills the pixels next to them, upwards
+    and downwards in turn, up to the full well each, until it is used up or reaches
+    the cell's edges (what leaves the cell is lost): the saturation trail.
+    """
+    full = np.float32(FULL_WELL * spec.binning**2)
+    if not (image > full).any():
+        return
+    for cx, cy in all_cells():
+        rows, columns = cell_to_ota(cx, cy, spec.binning)
+        cell = image[rows, columns]
+        for column in np.flatnonzero((cell > full).any(axis=0)):
+            values = cell[:, column]
+            over = np.flatnonzero(values > full)
+            excess = float(np.sum(values[over] - full))
+            values[over] = full
+            low, high = over.min() - 1, over.max() + 1
+            while excess > 0 and (low >= 0 or high < values.size):
+                for index in (high, low):
+                    if 0 <= index < values.size and excess > 0:
+                        room = max(0.0, float(full - values[index]))
+                        values[index] += np.float32(min(room, excess))
+                        excess -= room
+                low, high = low - 1, high + 1
+
+
 def _add_cosmics(image, spec, instrument, ota, rng):
     if spec.effects.cosmics and spec.obstype != "BIAS":
         _cosmic_rays(image, spec.exptime, rng)
 
 
-SIGNAL_STEPS = [_apply_flat, _add_dark, _add_persistence, _add_cosmics]
+SIGNAL_STEPS = [_apply_flat, _add_dark, _add_persistence, _add_cosmics, _bleed]
 
 
 #: Above this many electrons a pixel's Poisson noise is drawn from the Gaussian

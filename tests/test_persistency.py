@@ -150,7 +150,8 @@ def test_trails_are_masked_in_their_own_frame(masked_sequence, bright_exposure):
     rows, columns = saturated_in_image(bright_exposure, 33)
     with fits.open(masked_sequence["bright"]) as hdus:
         image = hdus["OTA33.SCI"].data
-        assert hdus["OTA33.SCI"].header["SATMASK"] > 20
+        assert hdus["OTA33.SCI"].header["NSATPIX"] > 20
+        assert hdus["OTA33.SCI"].header["SATMASK"] == f"{bright_exposure.name}.saturated.fits"
         assert np.isnan(image[rows, columns]).all()
         assert np.isfinite(image).mean() > 0.9
 

@@ -80,7 +80,9 @@ def test_saturated_pixels_are_the_raw_65535_of_the_bright_star(frames):
     assert set(zip(saturated["x"], saturated["y"])) == set(zip(x, y))
     (star,) = stars[stars["mag"] == BRIGHT_MAG]
     assert np.hypot(star["x"] - BRIGHT_PIXEL[0], star["y"] - BRIGHT_PIXEL[1]) < 0.01
-    assert np.all(np.hypot(saturated["x"] - star["x"], saturated["y"] - star["y"]) < 15)
+    # The star's core, and its trail: the charge above the full well bleeds along columns.
+    assert np.all(np.abs(saturated["x"] - star["x"]) < 15)
+    assert np.ptp(saturated["y"]) > 2 * np.ptp(saturated["x"])
     # Nothing saturated, nothing recorded.
     assert len(table(truth_path(frames["clean"]), "SATURATED")[0]) == 0
 
@@ -147,3 +149,24 @@ def test_a_sequence_carries_its_own_persistence(tmp_path):
     third, _ = table(truths[2], "PERSIST")
     np.testing.assert_allclose(third["electrons"],
                                expected_charge(900.0, 1200.0) + expected_charge(300.0, 600.0), rtol=1e-6)
+
+
+def test_charge_above_the_full_well_bleeds_along_the_column_within_the_cell():
+    """Ten full wells in one pixel become a trail of ten full pixels, up and down in turn;
+    at the cell's edge the trail runs on the other way."""
+    from podi_definitions import cell_to_ota
+    from podi_simulate import FULL_WELL, _bleed
+    spec = ExposureSpec(binning=2)
+    full = FULL_WELL * 4
+    image = np.zeros((2048, 2048), np.float32)
+    rows, columns = cell_to_ota(2, 3, 2)
+    image[rows.start + 100, columns.start + 50] = 10 * full
+    _bleed(image, spec, None, 33, None)
+    column = image[rows, columns.start + 50]
+    assert np.flatnonzero(column).tolist() == list(range(96, 106))
+    assert np.all(column[96:106] == np.float32(full)) and image.sum() == pytest.approx(10 * full)
+    image[...] = 0
+    image[rows.start + 1, columns.start + 50] = 10 * full  # near the bottom edge of the cell
+    _bleed(image, spec, None, 33, None)
+    assert image[rows, columns.start + 50][:12].tolist() == [np.float32(full)] * 10 + [0.0, 0.0]
+    assert image.sum() == pytest.approx(10 * full)
