@@ -1022,8 +1022,8 @@ def _bleed(image, spec, instrument, ota, rng):
     """Spill the charge above the full well along each column, within each cell.
 
     The excess of a column's over-full pixels fills the pixels next to them, upwards
-    and downwards in turn, up to the full well each, until it is used up or reaches
-    the cell's edges (what leaves the cell is lost): the saturation trail.
+    and downwards in turn, up to the full well each, until it is used up (what does not
+    fit into the cell's column is lost): the saturation trail.
     """
     full = np.float32(FULL_WELL * spec.binning**2)
     if not (image > full).any():
