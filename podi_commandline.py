@@ -350,8 +350,6 @@ FLAGS = (
     _switch("profile", "run in one process under cProfile"),
     _switch("update_persistency_only", "with -persistency: write the exposure's saturation "
             "catalog and nothing else"),
-    _switch("persistency_model", "with -persistency: subtract the fitted persistent charge of "
-            "earlier exposures where it is weak, mask it only where it is strong"),
     Flag("fringe", "fringe", None, "fringe template fringe__<FILTER>.fits, or its folder "
          "(a filter without one is left alone)", _text, metavar="=DIR|FILE"),
     Flag("fringevectors", "fringevectors", None, "folder of fringevectors__<FILTER>__OTA<xy>.reg "
@@ -365,6 +363,8 @@ FLAGS = (
     Flag("persistency", "persistency", None, "folder of the night's saturation catalogs: mask "
          "saturation trails and the persistence of exposures that ended within 10 minutes; "
          "add this frame's catalog", _text, metavar="=DIR"),
+    _switch("persistency_model", "with -persistency: subtract the fitted persistent charge of "
+            "earlier exposures where it is weak, mask it only where it is strong"),
 )
 
 _FLAGS_BY_NAME = {flag.name: flag for flag in FLAGS}

@@ -34,7 +34,7 @@ def test_defaults():
         "qasubdirs": False, "qasubdirname": "QA", "create_qaplots": True, "addfitskey": {},
         "overscan": "clippedmean", "ncpus": os.cpu_count(), "timeout": None, "verbose": False, "profile": False,
         "update_persistency_only": False, "pupilghost": None, "fringe": None,
-        "fringevectors": None, "persistency": None, "nonsidereal": None,
+        "fringevectors": None, "persistency": None, "persistency_model": False, "nonsidereal": None,
     }
     assert math.isnan(options["indefval"])
     assert set(options) == set(cl.DEFAULTS)
