@@ -65,8 +65,13 @@ def saturated_pixels(cells):
     return table
 
 
+def catalog_name(exposure_name):
+    """File name of an exposure's saturation catalog: ``<exposure>.saturated.fits``."""
+    return f"{exposure_name}{CATALOG_SUFFIX}"
+
+
 def catalog_path(directory, exposure_name):
-    return Path(directory) / f"{exposure_name}{CATALOG_SUFFIX}"
+    return Path(directory) / catalog_name(exposure_name)
 
 
 def write_catalog(directory, exposure_name, primary_header, binning, saturated):
@@ -242,12 +247,21 @@ def earlier_catalogs(directory, mjd):
 
 
 def read_catalog(path, ota):
-    """An OTA's saturated pixels and the binning of a catalog, or None without its table."""
-    with fits.open(path) as hdus:
-        name = f"{ota_extname(ota)[:5]}.SATPIX"
-        if name not in hdus:
-            return None
-        return np.array(hdus[name].data), int(hdus[0].header.get("SATBIN", 1))
+    """An OTA's saturated pixels and the binning of a catalog, or None without its table.
+
+    A catalog that cannot be read gives a warning and None: a broken file of an
+    earlier frame must not cost this one.
+    """
+    name = f"{ota_extname(ota)[:5]}.SATPIX"
+    try:
+        with fits.open(path) as hdus:
+            if name not in hdus:
+                return None
+            return np.array(hdus[name].data), int(hdus[0].header.get("SATBIN", 1))
+    except Exception as error:  # noqa: BLE001 - any unreadable catalog is one warning
+        logger.warning("OTA %02d: saturation catalog %s unreadable (%s); its persistence is not "
+                       "masked", ota, path, " ".join(str(error).split()))
+        return None
 
 
 # --- The persistence model (-persistency_model) -----------------------------------------

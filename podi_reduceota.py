@@ -352,12 +352,13 @@ def persistency(frame, settings):
     if settings.persistency is None:
         return
     masked = podi_persistency.mask_saturation(frame.image, frame.saturated, frame.binning, trails=True)
-    catalog = podi_persistency.catalog_path("", exposure_base_from_file(frame.filename)).name
+    catalog = podi_persistency.catalog_name(exposure_base_from_file(frame.filename))
     frame.header["SATMASK"] = (catalog[:68], "saturation catalog of this frame (trails masked)")
     frame.header["NSATPIX"] = (len(frame.saturated), "saturated raw pixels")
     mjd = float(frame.primary.get("MJD-OBS", 0.0))
     earlier = []
-    for number, (path, _, _, end) in enumerate(podi_persistency.earlier_catalogs(settings.persistency, mjd), 1):
+    catalogs = podi_persistency.earlier_catalogs(settings.persistency, mjd)
+    for number, (path, _, _, end) in enumerate(catalogs, 1):
         found = podi_persistency.read_catalog(path, frame.ota)
         if found is not None:
             earlier.append((*found, (mjd - end) * 86400))

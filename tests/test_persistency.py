@@ -239,3 +239,10 @@ def test_model_corrects_weak_persistence_to_the_noise(masked_sequence, bright_ex
     # Noise of the same pixels in two frames with different seeds: sqrt(2) x noise each.
     assert abs(np.mean(difference)) < 3 * math.sqrt(2) * noise / math.sqrt(len(rows))
     assert np.std(difference) < 1.5 * math.sqrt(2) * noise
+
+
+def test_unreadable_earlier_catalog_is_a_warning(tmp_path, caplog):
+    broken = tmp_path / "o1.saturated.fits"
+    broken.write_text("not FITS")
+    assert podi_persistency.read_catalog(broken, 33) is None
+    assert "unreadable" in caplog.text and str(broken) in caplog.text
