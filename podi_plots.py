@@ -47,8 +47,9 @@ DPI = 100
 
 #: The WCS plots need more matched pairs than this (as in the original).
 MIN_WCS_MATCHES = 3
-#: Half width (arcsec) of the WCS scatter plot and bins per axis of its histogram.
-WCS_RANGE = 3.0
+#: The WCS scatter plot spans +- this many times the overall rms offset (rounded up
+#: to 1, 2 or 5 x 10^k arcsec), and its histogram has this many bins per axis.
+WCS_RMS_RANGE = 4.0
 WCS_BINS = 60
 #: Offset profiles: kernel bandwidth factor, fewest points that get one, height as a
 #: fraction of the axis.
@@ -57,8 +58,10 @@ MIN_PROFILE_POINTS = 6
 PROFILE_HEIGHT = 0.15
 #: Margin (deg) of the sky maps around the stars and OTA outlines.
 SKY_MARGIN = 0.02
-#: WCS shift map: an error of 1 arcsec is drawn this fraction of the smaller sky extent long.
+#: WCS shift map: the key arrow, about twice the rms offset (rounded to 1, 2 or 5 x 10^k
+#: arcsec), is drawn this fraction of the smaller sky extent long.
 ARROW_FRACTION = 0.1
+ARROW_RMS = 2.0
 #: Colour range of the seeing map: these percentiles of all clean sources' FWHM.
 FWHM_PERCENTILES = (5, 95)
 #: Half ranges (mag) of the zero-point plot's y axis and of the zero-point map's colours.
@@ -343,13 +346,25 @@ def density_profile(values, grid):
     return density / density.max()
 
 
-def draw_offset_profiles(ax, d_ra, d_dec):
+def nice_ceiling(value):
+    """The smallest of 1, 2 or 5 x 10^k at least ``value`` (> 0)."""
+    power = 10.0 ** math.floor(math.log10(value))
+    return next(step * power for step in (1, 2, 5, 10) if step * power >= value * (1 - 1e-9))
+
+
+def wcs_half_range(stats):
+    """Half width (arcsec) of the WCS scatter plot: :data:`WCS_RMS_RANGE` x the rms offset,
+    rounded up; at least 0.01"."""
+    return nice_ceiling(max(WCS_RMS_RANGE * stats.rms, 0.01))
+
+
+def draw_offset_profiles(ax, d_ra, d_dec, half_range):
     """Density profiles (arcsec) of the RA offsets hanging from the top edge and of the
     Dec offsets standing on the left edge of the scatter plot."""
-    grid = np.linspace(-WCS_RANGE, WCS_RANGE, 241)
-    height = PROFILE_HEIGHT * 2 * WCS_RANGE
-    ax.plot(grid, WCS_RANGE - height * density_profile(d_ra, grid), color="navy", lw=1)
-    ax.plot(-WCS_RANGE + height * density_profile(d_dec, grid), grid, color="navy", lw=1)
+    grid = np.linspace(-half_range, half_range, 241)
+    height = PROFILE_HEIGHT * 2 * half_range
+    ax.plot(grid, half_range - height * density_profile(d_ra, grid), color="navy", lw=1)
+    ax.plot(-half_range + height * density_profile(d_dec, grid), grid, color="navy", lw=1)
 
 
 def draw_offset_summary(ax, stats, label, colour, side):
@@ -370,27 +385,32 @@ def draw_wcs_scatter(figure, data, ota):
     and the overall (red) and the OTA's (blue) median offsets and rms."""
     ax = figure.add_subplot()
     d_ra, d_dec = sky_offsets(data.matches[ota_mask(data.matches, ota)])
-    extent = (-WCS_RANGE, WCS_RANGE)
+    overall = offset_statistics(data.matches)
+    half_range = wcs_half_range(overall)
+    extent = (-half_range, half_range)
     counts, _, _ = np.histogram2d(d_ra, d_dec, bins=WCS_BINS, range=[extent, extent])
     image = ax.imshow(counts.T, origin="lower", extent=extent + extent,
                       cmap=POINT_DENSITY_COLOURS, interpolation="nearest")
     figure.colorbar(image, ax=ax, label="point density")
     ax.plot(d_ra, d_dec, "b.", markersize=MARKER, rasterized=True)
     if len(d_ra) >= MIN_PROFILE_POINTS:
-        draw_offset_profiles(ax, d_ra, d_dec)
-    draw_offset_summary(ax, offset_statistics(data.matches), "Overall WCS", "red", "right")
+        draw_offset_profiles(ax, d_ra, d_dec, half_range)
+    draw_offset_summary(ax, overall, "Overall WCS", "red", "right")
     if ota is not None:
         draw_offset_summary(ax, offset_statistics(data.matches, ota), "This OTA", "blue", "left")
     ax.set(xlim=extent, ylim=extent, aspect="equal", xlabel="error RA * cos(Dec) [arcsec]",
            ylabel="error Dec [arcsec]", title=plot_title(data, "WCS Scatter", ota))
+    ax.text(0.03, 0.97, f'range +-{half_range:g}" ({WCS_RMS_RANGE:g} x rms)', transform=ax.transAxes,
+            ha="left", va="top", fontsize=8, bbox=TEXT_BOX)
     ax.grid(True)
 
 
 # --- wcs2: WCS shift map ----------------------------------------------------------------------
 
 def draw_wcs_errors(figure, data, ota):
-    """``wcs2``: matched stars on the sky (red) with their offset vectors (black arrows);
-    1 arcsec is :data:`ARROW_FRACTION` of the map's smaller extent, shown by a key arrow."""
+    """``wcs2``: matched stars on the sky (red) with their offset vectors (black arrows); the
+    key arrow (:data:`ARROW_RMS` x the rms offset, rounded) is :data:`ARROW_FRACTION` of the
+    map's smaller extent."""
     pairs = data.matches[ota_mask(data.matches, ota)]
     d_ra, d_dec = sky_offsets(pairs)
     ax, x = sky_axes(figure, data, ota, pairs["ODI_RA"], pairs["ODI_DEC"], "WCS Errors")
@@ -399,10 +419,12 @@ def draw_wcs_errors(figure, data, ota):
     # sky_axes set the aspect to 1/cos(Dec): RA steps stretched by it have their sky length.
     stretch = ax.get_aspect()
     xlim, ylim = ax.get_xlim(), ax.get_ylim()
-    length = ARROW_FRACTION * min(abs(xlim[1] - xlim[0]) / stretch, ylim[1] - ylim[0])
+    key = nice_ceiling(max(ARROW_RMS * offset_statistics(data.matches).rms, 0.001))
+    # Degrees of the map per arcsec of offset.
+    length = ARROW_FRACTION * min(abs(xlim[1] - xlim[0]) / stretch, ylim[1] - ylim[0]) / key
     arrows = ax.quiver(x, dec, d_ra * length * stretch, d_dec * length, angles="xy",
                        scale_units="xy", scale=1, width=0.002, color="black")
-    ax.quiverkey(arrows, 0.12, 0.94, length * stretch, '1"', labelpos="E",
+    ax.quiverkey(arrows, 0.12, 0.94, key * length * stretch, f'{key:g}"', labelpos="E",
                  coordinates="axes")
 
 

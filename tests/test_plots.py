@@ -252,3 +252,16 @@ def test_scatter_ellipses_show_the_statistics(frame):
         assert (ellipse.width, ellipse.height) == pytest.approx((2 * stats.rms_ra,
                                                                  2 * stats.rms_dec))
     assert len(ellipses) == 2
+
+
+@pytest.mark.parametrize("value, expected", [(0.024, 0.05), (0.05, 0.05), (0.8, 1.0), (1.1, 2.0),
+                                             (3.0, 5.0), (0.0062, 0.01)])
+def test_nice_ceiling(value, expected):
+    assert podi_plots.nice_ceiling(value) == pytest.approx(expected)
+
+
+def test_wcs_range_follows_the_rms():
+    """A 0.006" solution gets a +-0.05" scatter plot, not the original's fixed +-3"."""
+    stats = podi_plots.OffsetStatistics(n=100, median_ra=0.0, median_dec=0.0, rms_ra=0.005, rms_dec=0.0035)
+    assert podi_plots.wcs_half_range(stats) == pytest.approx(0.05)
+    assert podi_plots.wcs_half_range(replace(stats, rms_ra=0.2, rms_dec=0.2)) == pytest.approx(2.0)
