@@ -359,7 +359,7 @@ def remove_pupil_ghost(results, exposures, outdir, pupilghost, primary):
             "FILTER": first.filter, "FLTLEVEL": (first.level, "filter arm level"),
             "BINNING": binning, "MJD-OBS": float(np.mean([e.mjd for e in exposures])),
             "NCOMBINE": (len(exposures), "flats the ghost was fitted in")})
-        logger.info("%s: pupil ghost centred at (%.1f, %.1f), inner edge %.0f px", name.name,
+        logger.info("%s: pupil ghost centred at (%.1f, %.1f), inner edge %.0f px", name,
                     *ghost.centre, ghost.template.radius)
     primary["PGAFCTD"] = (True, "pupil ghost divided out of the OTAs it falls on")
     primary["PGCNTR_X"] = (round(ghost.centre[0], 2), "ghost centre x (focal plane px)")
