@@ -287,6 +287,8 @@ def collectcells(options, argv=()):
     """
     start = time.monotonic()
     exposure = find_exposure(options["input"])
+    if options.get("persistency"):
+        podi_persistency.catalog_folder(options["persistency"])
     if options.get("update_persistency_only"):
         catalog = podi_persistency.catalog_of_exposure(exposure, options["persistency"])
         print(f"{exposure.base}: saturation catalog {catalog}, {time.monotonic() - start:.1f} s")

@@ -24,6 +24,7 @@ exposure's catalog and nothing else (the original needed a separate tool for bot
 
 import logging
 import math
+import os
 import sqlite3
 from pathlib import Path
 
@@ -63,6 +64,23 @@ def saturated_pixels(cells):
                                          ("Y", ">i2")])
     table["CELL_X"], table["CELL_Y"], table["X"], table["Y"] = cell_x, cell_y, column, row
     return table
+
+
+def catalog_folder(directory):
+    """Create the catalog folder if needed; ValueError (one line) if it cannot be written.
+
+    Checked before a frame is reduced: a frame must not be written whose catalog then
+    cannot be.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"-persistency={directory}: cannot create the catalog folder "
+                         f"({error.strerror or error})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"-persistency={directory}: the catalog folder is not writable")
+    return directory
 
 
 def catalog_name(exposure_name):

@@ -246,3 +246,15 @@ def test_unreadable_earlier_catalog_is_a_warning(tmp_path, caplog):
     broken.write_text("not FITS")
     assert podi_persistency.read_catalog(broken, 33) is None
     assert "unreadable" in caplog.text and str(broken) in caplog.text
+
+
+def test_unusable_catalog_folder_stops_before_any_output(bright_exposure, tmp_path, capsys):
+    """A catalog folder that cannot be made stops the frame first: never a written frame
+    whose catalog is then missing."""
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    output = tmp_path / "out.fits"
+    assert run_collectcells(bright_exposure, output, f"-persistency={blocker}") == 1
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "cannot create the catalog folder" in message[0] and str(blocker) in message[0]
+    assert not output.exists()
