@@ -146,8 +146,9 @@ def add_to_index(directory, path, exposure_name, mjd, mjd_end):
         connection.close()
 
 
-def indexed_catalogs(directory, mjd_from=-np.inf, mjd_to=np.inf):
-    """Catalogs of the index whose ``MJD-OBS`` lies in [mjd_from, mjd_to], in time order.
+def indexed_catalogs(directory, mjd_from=-np.inf, mjd_to=np.inf, by_end=False):
+    """Catalogs of the index whose ``MJD-OBS`` (or, ``by_end``, end of exposure) lies in
+    [mjd_from, mjd_to], in time order.
 
     Returns
     -------
@@ -158,8 +159,9 @@ def indexed_catalogs(directory, mjd_from=-np.inf, mjd_to=np.inf):
         return []
     connection = _connect(directory)
     try:
-        return connection.execute("SELECT path, exposure, mjd, mjd_end FROM catalogs WHERE mjd "
-                                  "BETWEEN ? AND ? ORDER BY mjd", (mjd_from, mjd_to)).fetchall()
+        return connection.execute(f"SELECT path, exposure, mjd, mjd_end FROM catalogs WHERE "
+                                  f"{'mjd_end' if by_end else 'mjd'} BETWEEN ? AND ? ORDER BY mjd",
+                                  (mjd_from, mjd_to)).fetchall()
     finally:
         connection.close()
 
@@ -205,10 +207,14 @@ def _columns(saturated, catalog_binning, binning, extreme):
         key = (int(cx), int(cy), int(x))
         rows[key] = extreme(rows.get(key, y), y)
     for (cx, cy, x), y in rows.items():
-        first = x * catalog_binning // binning
-        last = ((x + 1) * catalog_binning - 1) // binning
-        row = (y * catalog_binning if extreme is min else (y + 1) * catalog_binning - 1) // binning
-        yield cx, cy, first, last, row
+        first, last = _rebinned(x, catalog_binning, binning)
+        yield cx, cy, first, last, extreme(_rebinned(int(y), catalog_binning, binning))
+
+
+def _rebinned(index, catalog_binning, binning):
+    """First and last pixel at ``binning`` covered by pixel ``index`` at ``catalog_binning``
+    (through the unbinned pixels it holds)."""
+    return index * catalog_binning // binning, ((index + 1) * catalog_binning - 1) // binning
 
 
 def mask_saturation(image, saturated, binning, trails, catalog_binning=None):
@@ -253,15 +259,7 @@ def mask_saturation(image, saturated, binning, trails, catalog_binning=None):
 def earlier_catalogs(directory, mjd):
     """Index rows of the exposures that ended within :data:`PERSISTENCE_SECONDS` before
     ``mjd`` (the decay is counted from the end of the saturating exposure)."""
-    if not (Path(directory) / INDEX_NAME).is_file():
-        return []
-    connection = _connect(directory)
-    try:
-        return connection.execute("SELECT path, exposure, mjd, mjd_end FROM catalogs WHERE mjd_end "
-                                  "BETWEEN ? AND ? ORDER BY mjd",
-                                  (mjd - PERSISTENCE_SECONDS / 86400, mjd)).fetchall()
-    finally:
-        connection.close()
+    return indexed_catalogs(directory, mjd - PERSISTENCE_SECONDS / 86400, mjd, by_end=True)
 
 
 def read_catalog(path, ota):
@@ -299,12 +297,11 @@ def _pixels(saturated, catalog_binning, binning):
     found = {}
     for cx, cy, x, y in zip(saturated["CELL_X"], saturated["CELL_Y"], saturated["X"], saturated["Y"]):
         cell = cell_to_ota(int(cx), int(cy), binning)
-        for column in range(int(x) * catalog_binning // binning,
-                            ((int(x) + 1) * catalog_binning - 1) // binning + 1):
-            for row in range(int(y) * catalog_binning // binning,
-                             ((int(y) + 1) * catalog_binning - 1) // binning + 1):
-                if column < geometry.science_cols and row < geometry.science_rows:
-                    found[(cell[0].start + row, cell[1].start + column)] = cell
+        (first_column, last_column), (first_row, last_row) = (
+            _rebinned(int(i), catalog_binning, binning) for i in (x, y))
+        for column in range(first_column, min(last_column, geometry.science_cols - 1) + 1):
+            for row in range(first_row, min(last_row, geometry.science_rows - 1) + 1):
+                found[(cell[0].start + row, cell[1].start + column)] = cell
     rows = np.array([pixel[0] for pixel in found], dtype=np.intp)
     columns = np.array([pixel[1] for pixel in found], dtype=np.intp)
     return rows, columns, list(found.values())

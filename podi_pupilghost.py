@@ -182,6 +182,26 @@ def write_template(path, template, otas=GHOST_OTAS, primary_cards=None):
     write_atomic(fits.HDUList(hdus), path)
 
 
+def _unreadable(path, error):
+    return CalibrationError(f"{path}: not a readable pupil-ghost template "
+                            f"({' '.join(str(error).split())})")
+
+
+def _open_template(path):
+    """The open template file (cached) and its OTA -> extension index."""
+    try:
+        hdulist, by_ota = open_calibration(path)
+    except Exception as error:
+        raise _unreadable(path, error) from None
+    if not by_ota:
+        raise CalibrationError(f"{path}: no OTA<xy>.SCI extension: not a pupil-ghost template")
+    return hdulist, by_ota
+
+
+def _nominal(primary):
+    return float(primary.get("PGCNTR_X", 0.0)), float(primary.get("PGCNTR_Y", 0.0))
+
+
 def nominal_centre(path):
     """The nominal ghost centre (focal plane) of a template file.
 
@@ -190,17 +210,7 @@ def nominal_centre(path):
     CalibrationError
         The file is not a readable FITS file or has no OTA extension.
     """
-    try:
-        hdulist, by_ota = open_calibration(path)
-        if not by_ota:
-            raise CalibrationError(f"{path}: no OTA<xy>.SCI extension: not a pupil-ghost template")
-        primary = hdulist[0].header
-        return float(primary.get("PGCNTR_X", 0.0)), float(primary.get("PGCNTR_Y", 0.0))
-    except CalibrationError:
-        raise
-    except Exception as error:
-        raise CalibrationError(f"{path}: not a readable pupil-ghost template "
-                               f"({' '.join(str(error).split())})") from None
+    return _nominal(_open_template(path)[0][0].header)
 
 
 def read_template(path, ota):
@@ -215,24 +225,20 @@ def read_template(path, ota):
     CalibrationError
         The file is unreadable, has no extension for the OTA, or lacks ``PGSTEP``.
     """
+    hdulist, by_ota = _open_template(path)
+    if ota not in by_ota:
+        raise CalibrationError(f"{path}: no pupil-ghost template for OTA {ota:02d}")
+    primary, hdu = hdulist[0].header, hdulist[by_ota[ota]]
     try:
-        hdulist, by_ota = open_calibration(path)
-        if ota not in by_ota:
-            raise CalibrationError(f"{path}: no pupil-ghost template for OTA {ota:02d}")
-        primary, hdu = hdulist[0].header, hdulist[by_ota[ota]]
-        if hdu.data is None or hdu.data.ndim != 2:
-            raise CalibrationError(f"{path}: OTA {ota:02d} holds no image")
-        image = np.nan_to_num(np.array(hdu.data, dtype=np.float32), nan=0.0)
-        step = float(primary.get("PGSTEP", hdu.header.get("PGSTEP", 1.0)))
-        return GhostTemplate(image, step,
-                             (float(primary.get("PGCNTR_X", 0.0)), float(primary.get("PGCNTR_Y", 0.0))),
-                             float(primary.get("PGROTANG", 0.0)),
-                             float(primary.get("PGRADIUS", float("nan"))))
-    except CalibrationError:
-        raise
+        # The data are read here: a truncated file fails now.
+        data = hdu.data
     except Exception as error:
-        raise CalibrationError(f"{path}: not a readable pupil-ghost template "
-                               f"({' '.join(str(error).split())})") from None
+        raise _unreadable(path, error) from None
+    if data is None or data.ndim != 2:
+        raise CalibrationError(f"{path}: OTA {ota:02d} holds no image")
+    return GhostTemplate(np.nan_to_num(np.array(data, dtype=np.float32), nan=0.0),
+                         float(primary.get("PGSTEP", hdu.header.get("PGSTEP", 1.0))), _nominal(primary),
+                         float(primary.get("PGROTANG", 0.0)), float(primary.get("PGRADIUS", float("nan"))))
 
 
 # --- Profiles along radial wedges (measured in the workers) -----------------------------
