@@ -26,7 +26,9 @@ import podi_blasthreads  # noqa: F401, I001
 
 import cProfile
 import logging
+import os
 import pstats
+import resource
 import signal
 import sys
 import time
@@ -41,6 +43,7 @@ import podi_nonsidereal
 import podi_otaphases
 import podi_persistency
 import podi_pupilghost
+import podi_qapage
 from podi_calibfiles import CalibrationNotFound, resolve_calibrations
 from podi_commandline import (HelpRequested, OptionError, expand_output_name,
                               parse_commandline, usage)
@@ -238,24 +241,40 @@ def summary_line(base, primary, output, seconds):
     return f"{base}: {', '.join(parts)}, {seconds:.1f} s -> {output}"
 
 
-def qa_plots(results, tables, keywords, first_header, size, output, settings):
-    """Write the QA plots (:mod:`podi_plots`); a plotting problem never fails the frame.
+def cpu_seconds():
+    """CPU-seconds (user + system) of this process and of its children that ended."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
-    ``tables`` and ``keywords`` are :func:`podi_framecalib.frame_calibrations`' results.
+
+def quick_look(qa_data, primary, output, settings, report):
+    """Write the QA plots (:mod:`podi_plots`) and the frame's QA page (:mod:`podi_qapage`).
+
+    A problem here never fails the frame: it is on disk already. ``qa_data()`` returns
+    what the plots show (:func:`podi_framecalib.qa_data`), ``primary`` is the primary
+    header as written, ``report`` the run's :class:`podi_qapage.RunReport` so far.
     """
-    import podi_framecalib
-    start = time.monotonic()
+    start, cpu = time.monotonic(), cpu_seconds()
     qa = settings.qa
+    plots = []
     try:
         import podi_plots  # loaded only for plots: see podi_framecalib.qa_data
-        written = podi_plots.make_plots(
-            podi_framecalib.qa_data(results, tables, keywords, first_header, size), output,
-            formats=list(qa.formats), otalevel=qa.otalevel, qasubdirs=qa.subdirs,
-            qasubdirname=qa.subdirname, fitradial=settings.fit_radial_zp, ncpus=settings.ncpus)
+        plots = podi_plots.make_plots(
+            qa_data(), output, formats=list(qa.formats),
+            otalevel=qa.otalevel, qasubdirs=qa.subdirs, qasubdirname=qa.subdirname,
+            fitradial=settings.fit_radial_zp, ncpus=settings.ncpus)
     except Exception as error:  # noqa: BLE001 - the reduced frame is already safe on disk
         logger.warning("QA plots failed: %s", " ".join(str(error).split()))
+    report.qa_seconds = time.monotonic() - start
+    page = podi_qapage.frame_page_path(output, qa.subdirs, qa.subdirname)
+    try:
+        podi_qapage.write_frame_page(page, primary, report, plots, output)
+    except OSError as error:
+        logger.warning("QA page not written: %s", " ".join(str(error).split()))
         return
-    logger.info("QA plots: %d files in %.1f s", len(written), time.monotonic() - start)
+    logger.info("QA page %s: %d plot files, %.1f s, %.1f CPU-s", page,
+                sum(len(files.paths) for files in plots), time.monotonic() - start, cpu_seconds() - cpu)
 
 
 # --- The whole frame ----------------------------------------------------------------------
@@ -274,6 +293,8 @@ def exposure_header(exposure):
 def collectcells(options, argv=()):
     """Reduce the exposure ``options['input']`` into ``options['output']``.
 
+    Every warning of the run is kept for the frame's QA page.
+
     Returns
     -------
     Path or None
@@ -285,6 +306,12 @@ def collectcells(options, argv=()):
     ReductionError, RawDataError, CalibrationNotFound, CalibrationError, OptionError
         Each with a one-line message; nothing is written.
     """
+    with podi_qapage.WarningCollector() as warnings:
+        return reduce_exposure(options, argv, warnings)
+
+
+def reduce_exposure(options, argv, warnings):
+    """:func:`collectcells` with the run's warnings collected into ``warnings.lines``."""
     start = time.monotonic()
     exposure = find_exposure(options["input"])
     if options.get("persistency"):
@@ -357,6 +384,9 @@ def collectcells(options, argv=()):
             stream.add_table(table)
         primary = primary_header(first_header, results, failures, settings, argv)
         add_keywords(primary, keywords)
+        if settings.makes_qa:
+            page = podi_qapage.frame_page_path(output, settings.qa.subdirs, settings.qa.subdirname)
+            primary["QAPAGE"] = (os.path.relpath(page, output.parent), "QA page of this frame")
         for key, value in (options.get("addfitskey") or {}).items():
             if key in primary:
                 logger.warning("-addfitskey=%s replaces the pipeline's %s", key, key)
@@ -375,8 +405,10 @@ def collectcells(options, argv=()):
         raise
     finally:
         buffers.remove()
-    if settings.detect_sources and settings.qa.create:
-        qa_plots(results, tables, keywords, first_header, size, output, settings)
+    seconds = time.monotonic() - start
+    if settings.makes_qa:
+        quick_look(lambda: podi_framecalib.qa_data(results, failures, tables, keywords, first_header, binning),
+                   primary, output, settings, podi_qapage.RunReport(failures, warnings.lines, seconds))
     print(summary_line(exposure.base, primary, output, time.monotonic() - start))
     return output
 

@@ -35,7 +35,9 @@ Options (key = flag name unless noted; ``DEFAULTS`` holds the defaults)::
     -fitradialZP               radial zero-point gradient; implies -photcalib   False
     -colourterms               the original's colour terms in -photcalib        False
     -plotformat=a,b            QA plot file formats                             ['png']
-    -nootalevelplots           key otalevelplots: no per-OTA QA plots           True
+    -otalevelplots             one QA plot file per OTA and kind                'panels' (one figure
+                                                                                of all OTAs per kind)
+    -nootalevelplots           key otalevelplots: no per-OTA QA plots           'panels' 
     -qasubdirs                 QA plots in a subfolder                          False
     -qasubdirname=NAME         name of that subfolder; implies -qasubdirs       'QA'
     -noqaplots                 key create_qaplots: no QA plots at all           True
@@ -264,7 +266,7 @@ class Flag:
         which take no value and set ``key`` to ``switch_value``.
     bare
         Value of the flag given without ``=value`` (``_NEEDS_VALUE``: an error).
-    switch_value : bool
+    switch_value : bool or str
     repeat : bool
         May be given several times; ``convert`` returns ``(key, value)`` pairs
         collected in a dictionary.
@@ -278,13 +280,15 @@ class Flag:
     help: str
     convert: object = None
     bare: object = _NEEDS_VALUE
-    switch_value: bool = True
+    switch_value: object = True
     repeat: bool = False
     metavar: str = ""
 
 
-def _switch(name, help, key=None, value=True):
-    return Flag(name, key or name, not value, help, switch_value=value)
+def _switch(name, help, key=None, value=True, default=None):
+    """A flag without a value; its key defaults to ``not value`` unless given."""
+    return Flag(name, key or name, not value if default is None else default, help,
+                switch_value=value)
 
 
 FLAGS = (
@@ -333,7 +337,10 @@ FLAGS = (
             "odi_z -0.1277 (i-z)"),
     Flag("plotformat", "plotformat", ["png"], "file formats of the QA plots", _plot_formats,
          metavar="=png,pdf"),
-    _switch("nootalevelplots", "no per-OTA QA plots", key="otalevelplots", value=False),
+    _switch("otalevelplots", "one QA plot file per OTA and kind (default: one figure of all "
+            "OTAs per kind)", value="files", default="panels"),
+    _switch("nootalevelplots", "no per-OTA QA plots", key="otalevelplots", value="none",
+            default="panels"),
     _switch("qasubdirs", "write QA plots into a subfolder"),
     Flag("qasubdirname", "qasubdirname", "QA", "name of the QA subfolder (implies -qasubdirs)",
          _text, metavar="=NAME"),

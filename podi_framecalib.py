@@ -26,7 +26,7 @@ import podi_findstars
 import podi_fixwcs
 import podi_photcalib
 import podi_wcs
-from podi_definitions import normalised_filter_name
+from podi_definitions import cell_geometry, normalised_filter_name
 from podi_mef import add_keywords, header_text_with_checksum
 from podi_otaphases import WCS_SPARE_CARDS
 from podi_sky import global_sky
@@ -267,18 +267,19 @@ def frame_calibrations(results, refcat, first_header, settings, size):
     return keywords, tables + [catalog_hdu(catalog)] + photcalib_tables
 
 
-def qa_data(results, tables, keywords, first_header, size):
-    """What the QA plots of a calibrated frame show (:class:`podi_plots.QAData`).
+def qa_data(results, failures, tables, keywords, first_header, binning):
+    """What the QA page and plots of a calibrated frame show (:class:`podi_plots.QAData`).
 
-    ``tables`` and ``keywords`` are :func:`frame_calibrations`' results; ``size`` is
-    the OTA size in pixels: the outlines are the corners of each OTA.
+    ``results`` and ``failures`` are the reduced OTAs (:class:`podi_otaphases.OTAResult`)
+    and the failed ones (OTA -> message); ``tables`` and ``keywords`` are
+    :func:`frame_calibrations`' results. The outlines are the corners of each OTA.
     """
     # matplotlib adds 0.6 s to every start-up: it is loaded only when plots are made.
     import podi_plots
     by_name = {table.name: Table(table.data) for table in tables}
     outlines = {}
+    n = cell_geometry(binning).ota_size - 1
     for ota, result in results.items():
-        n = size - 1
         ra, dec = podi_fixwcs.pixel_to_sky(result.header, [0, n, n, 0], [0, 0, n, n])
         outlines[ota] = np.column_stack([ra, dec])
     radial = None
@@ -287,11 +288,21 @@ def qa_data(results, tables, keywords, first_header, size):
         radial = {"centre": podi_photcalib.radial_zeropoint_centre(first["CRVAL1"], first["CRVAL2"]),
                   "p0": keywords["RADZP_P0"][0], "p1": keywords["RADZP_P1"][0]}
     calibrated = keywords.get("PHOTCAL", (False,))[0]
+    band = keywords["PHOTBAND"][0] if calibrated else None
+    photcalib = None
+    if calibrated:
+        # Plain arrays of only the columns the plots use: slicing an astropy table costs
+    # a millisecond per column, and the plots slice them per OTA.
+        photcalib = by_name["CAT.PHOTCALIB"][list(podi_plots.PHOTCALIB_COLUMNS)
+                                             + [f"REF_MAG_{band.upper()}"]].as_array()
     return podi_plots.QAData(
         obsid=str(first_header.get("OBSID", "")), object_name=str(first_header.get("OBJECT", "")),
         filter_name=normalised_filter_name(first_header), exptime=float(first_header.get("EXPTIME", 0.0)),
-        matches=by_name["WCSCAL.CAT"], sources=by_name["CAT.ODI"], outlines=outlines,
-        photcalib=by_name.get("CAT.PHOTCALIB") if calibrated else None,
-        band=keywords["PHOTBAND"][0] if calibrated else None,
+        matches=by_name["WCSCAL.CAT"][list(podi_plots.MATCH_COLUMNS)].as_array(),
+        sources=by_name["CAT.ODI"][list(podi_plots.SOURCE_COLUMNS)].as_array(), outlines=outlines,
+        photcalib=photcalib, band=band,
         zeropoint=keywords["PHOTZP"][0] if calibrated else None,
-        zeropoint_sd=keywords["PHOTZPSD"][0] if calibrated else None, radial=radial)
+        zeropoint_sd=keywords["PHOTZPSD"][0] if calibrated else None, radial=radial,
+        quicklook={ota: result.quicklook for ota, result in results.items() if result.quicklook is not None},
+        failed=dict(failures), binning=binning,
+        bunit=str(next(iter(results.values())).header.get("BUNIT", "ADU")))

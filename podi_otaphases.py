@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+import podi_preview
 import podi_wcs
 from podi_definitions import cell_geometry, layout_for_mjd
 from podi_mef import add_keywords, header_number, header_text_with_checksum, native_datasum
@@ -97,6 +98,8 @@ class OTAResult:
         arcsec/pixel at the OTA's centre (with ``-fixwcs``).
     saturated : numpy.ndarray or None
         Saturated raw pixels, for the saturation catalog (with ``-persistency``).
+    quicklook : podi_preview.QuickLook or None
+        Preview and cell sky levels for the QA page.
     """
 
     ota: int
@@ -109,6 +112,7 @@ class OTAResult:
     sources: object = None
     pixel_scale: float = None
     saturated: np.ndarray = None
+    quicklook: object = None
 
 
 # --- Placement: where the OTA is --------------------------------------------------------
@@ -186,6 +190,16 @@ def detect_sources(frame, settings):
     frame.record("sources", f"{len(frame.sources)} sources detected")
 
 
+def quick_look(frame, settings):
+    """Preview and cell sky levels for the QA page (:mod:`podi_preview`), on the final
+    pixels before undefined ones get ``-indefval``."""
+    if not settings.makes_qa:
+        return
+    otas = layout_for_mjd(frame.primary.get("MJD-OBS", 0.0)).otas
+    frame.quicklook = podi_preview.ota_quicklook(
+        frame.image, frame.binning, podi_preview.preview_block(otas, frame.binning), frame.saturation)
+
+
 def undefined_value(frame, settings):
     """Give undefined pixels the value of ``-indefval`` (they are NaN until here)."""
     value = settings.undefined_value
@@ -207,7 +221,7 @@ def inherited_keywords(frame, settings):
     frame.record("inherit", f"{len(frame.inherited)} exposure keywords are in the primary header")
 
 
-FINISH_STAGES = [sky_level, detect_sources, undefined_value, inherited_keywords]
+FINISH_STAGES = [sky_level, detect_sources, quick_look, undefined_value, inherited_keywords]
 
 
 
@@ -247,7 +261,8 @@ def finish_phase(frame, settings):
     return OTAResult(ota=frame.ota, header=hdu.header, header_text=text,
                      inherited=frame.inherited, sky_samples=frame.sky_samples,
                      files_used=frame.files_used, steps=frame.steps, sources=frame.sources,
-                     pixel_scale=frame.pixel_scale, saturated=frame.saturated)
+                     pixel_scale=frame.pixel_scale, saturated=frame.saturated,
+                     quicklook=frame.quicklook)
 
 
 def measure_phase(frame, settings, taking):

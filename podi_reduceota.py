@@ -111,6 +111,8 @@ class OTAFrame:
     saturated : numpy.ndarray or None
         Saturated raw pixels (:func:`podi_persistency.saturated_pixels`), with
         ``-persistency``.
+    quicklook : podi_preview.QuickLook or None
+        Preview and cell sky levels for the QA page, once measured.
     """
 
     filename: Path
@@ -130,6 +132,7 @@ class OTAFrame:
     pixel_scale: float = None
     inherited: dict = field(default_factory=dict)
     saturated: np.ndarray = None
+    quicklook: object = None
 
     def record(self, step, message, filename=None):
         self.steps[step] = "done"

@@ -39,11 +39,15 @@ class WcsSettings:
 
 @dataclass(frozen=True)
 class QASettings:
-    """The QA plots after a calibrated frame is written (:mod:`podi_plots`)."""
+    """The QA page and plots after a calibrated frame is written (:mod:`podi_qapage`).
+
+    ``otalevel`` is ``"panels"`` (one figure of all OTAs per plot kind), ``"files"``
+    (``-otalevelplots``: one file per OTA and kind) or ``"none"`` (``-nootalevelplots``).
+    """
 
     create: bool = True
     formats: tuple = ("png",)
-    otalevel: bool = True
+    otalevel: str = "panels"
     subdirs: bool = False
     subdirname: str = "QA"
 
@@ -103,6 +107,12 @@ class RunSettings:
         place of spare blank cards (:data:`podi_otaphases.WCS_SPARE_CARDS`)."""
         return self.detect_sources or self.nonsidereal is not None
 
+    @property
+    def makes_qa(self):
+        """Whether the QA page and plots follow the written frame (with source detection,
+        as the original's plots, unless ``-noqaplots``)."""
+        return self.detect_sources and self.qa.create
+
 
 def reduction_settings(calibrations, options):
     """The per-OTA calibration stages from the resolved calibration files."""
@@ -150,6 +160,6 @@ def run_settings(options, calibrations, corrections=()):
         nonsidereal=options.get("nonsidereal"),
         qa=QASettings(create=bool(options.get("create_qaplots", True)),
                       formats=tuple(options.get("plotformat") or ("png",)),
-                      otalevel=bool(options.get("otalevelplots", True)),
+                      otalevel=options.get("otalevelplots", "panels"),
                       subdirs=bool(options.get("qasubdirs")),
                       subdirname=options.get("qasubdirname") or "QA"))

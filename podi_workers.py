@@ -120,9 +120,31 @@ def _keep_freed_memory():
     libc.mallopt(m_trim_threshold, 1 << 31)
 
 
+class _RecordBuffer(logging.Handler):
+    """Keeps a worker's log records, made picklable, to send them to the master with
+    the job's outcome: the master logs them, so that its handlers see every record
+    of the run (a list of the run's warnings, say) and lines never interleave."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        record.msg, record.args = record.getMessage(), None
+        record.exc_info = record.exc_text = None
+        self.records.append(record)
+
+    def take(self):
+        records, self.records = self.records, []
+        return records
+
+
 def _worker_loop(connection, buffers, context):
-    """A worker process: run each job sent over ``connection``, send back its outcome."""
+    """A worker process: run each job sent over ``connection``, send back its outcome
+    and the log records the job made."""
     _keep_freed_memory()
+    records = _RecordBuffer()
+    logging.getLogger().handlers = [records]
     # The objects inherited from the master are never garbage: leaving them out of
     # every collection saves the scans and the copy-on-write of their pages.
     gc.freeze()
@@ -134,7 +156,8 @@ def _worker_loop(connection, buffers, context):
         if task is None:
             return
         function, key, args = task
-        connection.send(_call(function, key, args, buffers, context))
+        outcome = _call(function, key, args, buffers, context)
+        connection.send((*outcome, records.take()))
 
 
 class _Worker:
@@ -275,8 +298,10 @@ class WorkerPool:
         """Take a worker's outcome if it has one; a worker that died fails its job only."""
         try:
             if worker.connection.poll():
-                outcome = worker.connection.recv()
+                *outcome, records = worker.connection.recv()
                 key, worker.key = worker.key, None
+                for record in records:
+                    logging.getLogger(record.name).handle(record)
                 ledger.done(key, *outcome)
                 return
         except (EOFError, OSError):

@@ -25,6 +25,7 @@ import argparse
 import cProfile
 import os
 import pstats
+import re
 import resource
 import subprocess
 import sys
@@ -133,6 +134,10 @@ def cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
+#: The line podi_collectcells logs after the QA plots and page.
+QA_LINE = re.compile(r"QA page (\S+): (\d+) plot files, ([\d.]+) s, ([\d.]+) CPU-s")
+
+
 def timed_runs(output, command, label, repeat):
     """Best wall time and CPU-seconds of ``repeat`` runs of ``command`` (lists of str)."""
     best = (float("inf"), float("inf"))
@@ -141,10 +146,14 @@ def timed_runs(output, command, label, repeat):
         # writing new names does not pay.
         output.unlink(missing_ok=True)
         start, cpu = time.monotonic(), cpu_seconds()
-        subprocess.run(command, check=True, cwd=HERE.parent, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT)
+        printed = subprocess.run(command, check=True, cwd=HERE.parent, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True).stdout
         wall, cpu = time.monotonic() - start, cpu_seconds() - cpu
-        print(f"  {label}: run {run + 1}: wall {wall:.2f} s, CPU {cpu:.2f} s")
+        qa = QA_LINE.search(printed)
+        if qa:
+            # What the run itself measured from the written frame to the written page.
+            label_qa = f"; QA page and {qa[2]} plot files: {float(qa[3]):.2f} s, {float(qa[4]):.2f} CPU-s"
+        print(f"  {label}: run {run + 1}: wall {wall:.2f} s, CPU {cpu:.2f} s{label_qa if qa else ''}")
         best = min(best, (wall, cpu))
     return best
 
