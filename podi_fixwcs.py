@@ -24,7 +24,7 @@ search on raw RA/Dec differences, then per-OTA shift and shear fits):
 
 A failure (too few sources or reference stars, no contrast, a solution that does not
 match well) never raises: the result has ``success = False``, the initial headers,
-``WCSCAL = False`` and a logged warning.
+``WCSCAL = False``, ``WCSMSG`` (why) and a logged warning.
 
 Conventions
 -----------
@@ -43,6 +43,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 import podi_definitions as pd
+from podi_mef import text_keyword
 from podi_sphere import deproject, match_nearest, mean_direction, project, wrap_180
 
 logger = logging.getLogger(__name__)
@@ -517,6 +518,7 @@ def _source_catalog(sources, headers):
 def _fail(message, headers, keywords, reference=None):
     logger.warning("WCS calibration failed: %s; keeping the initial WCS", message)
     keywords["WCSCAL"] = (False, "WCS calibrated")
+    keywords["WCSMSG"] = text_keyword(message, "why the WCS is not calibrated")
     return WcsSolution(False, {ota: header.copy() for ota, header in headers.items()},
                        keywords, message=message, reference=reference)
 

@@ -27,7 +27,7 @@ import podi_fixwcs
 import podi_photcalib
 import podi_wcs
 from podi_definitions import cell_geometry, normalised_filter_name
-from podi_mef import add_keywords, header_text_with_checksum
+from podi_mef import add_keywords, header_text_with_checksum, text_keyword
 from podi_otaphases import WCS_SPARE_CARDS
 from podi_sky import global_sky
 
@@ -84,7 +84,7 @@ def astrometric_calibration(results, reference, settings, size):
         result.header_text = header_text_with_checksum(result.header)
     keywords = dict(solution.keywords)
     add_keywords(keywords, seeing_keywords(results))
-    keywords["ASTRMCAT"] = podi_photcalib.text_keyword(settings.refcat_name,
+    keywords["ASTRMCAT"] = text_keyword(settings.refcat_name,
                                                       "astrometric reference catalog", keep_end=True)
     tables = [fits.BinTableHDU(solution.reference, name="CAT.WCSREF"),
               fits.BinTableHDU(solution.matches, name="WCSCAL.CAT")]
@@ -267,6 +267,14 @@ def frame_calibrations(results, refcat, first_header, settings, size):
     return keywords, tables + [catalog_hdu(catalog)] + photcalib_tables
 
 
+def _columns(table, names):
+    """A plain array of only these columns of a table (slicing an astropy table costs a
+    millisecond per column, and the plots slice per OTA); None without the table or a column."""
+    if table is None or not set(names) <= set(table.colnames):
+        return None
+    return table[list(names)].as_array()
+
+
 def qa_data(results, failures, tables, keywords, first_header, binning):
     """What the QA page and plots of a calibrated frame show (:class:`podi_plots.QAData`).
 
@@ -298,8 +306,8 @@ def qa_data(results, failures, tables, keywords, first_header, binning):
     return podi_plots.QAData(
         obsid=str(first_header.get("OBSID", "")), object_name=str(first_header.get("OBJECT", "")),
         filter_name=normalised_filter_name(first_header), exptime=float(first_header.get("EXPTIME", 0.0)),
-        matches=by_name["WCSCAL.CAT"][list(podi_plots.MATCH_COLUMNS)].as_array(),
-        sources=by_name["CAT.ODI"][list(podi_plots.SOURCE_COLUMNS)].as_array(), outlines=outlines,
+        matches=_columns(by_name.get("WCSCAL.CAT"), podi_plots.MATCH_COLUMNS),
+        sources=_columns(by_name.get("CAT.ODI"), podi_plots.SOURCE_COLUMNS), outlines=outlines,
         photcalib=photcalib, band=band,
         zeropoint=keywords["PHOTZP"][0] if calibrated else None,
         zeropoint_sd=keywords["PHOTZPSD"][0] if calibrated else None, radial=radial,

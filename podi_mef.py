@@ -331,3 +331,27 @@ def check_calibration_binning(filename, size):
         found = ", ".join(f"{s[1]}x{s[0]}" for s in sorted(shapes))
         raise CalibrationError(f"{filename}: OTA images are {found}, the raw data need "
                                f"{size}x{size}: binning does not match")
+
+
+# --- Header cards ----------------------------------------------------------------------
+
+#: Longest string value of a header card, and room for value + comment on one card
+#: (80 minus "KEYWORD = ", the quotes and " / ").
+FITS_TEXT = 68
+_CARD_ROOM = 65
+
+
+def text_keyword(text, comment, keep_end=False):
+    """(value, comment) of a string header card that fits on one 80-character card.
+
+    The value keeps at most 68 characters: the start of a longer text, or its end
+    with ``keep_end`` (the file name of a long path says more than its directories).
+    The comment is dropped when it no longer fits beside the value.
+    """
+    text = str(text)
+    if len(text) > FITS_TEXT:
+        text = text[-FITS_TEXT:] if keep_end else text[:FITS_TEXT]
+    # FITS pads string values to 8 characters and doubles embedded quotes.
+    if max(len(text.replace("'", "''")), 8) + len(comment) > _CARD_ROOM:
+        comment = ""
+    return text, comment

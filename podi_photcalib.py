@@ -57,6 +57,7 @@ from astropy.table import Table
 
 import podi_findstars
 from podi_ipprefcat import filled
+from podi_mef import text_keyword
 from podi_sphere import angular_distance, match_radec
 
 logger = logging.getLogger(__name__)
@@ -97,10 +98,6 @@ RADIAL_MIN_STARS = 3
 #: Offset (deg) of the original's radial centre from the first extension's CRVAL.
 _RADIAL_CENTRE_OFFSET_DEG = 240.0 / 3600.0
 
-#: Longest string value of a header card, and room for value + comment on one card
-#: (80 minus "KEYWORD = ", the quotes and " / ").
-FITS_TEXT = 68
-_CARD_ROOM = 65
 
 
 @dataclass
@@ -485,22 +482,6 @@ def photcalib_table(sources, reference, src_index, ref_index, zp, err, used, mat
 
 
 # --- Header keywords ---------------------------------------------------------------------
-
-def text_keyword(text, comment, keep_end=False):
-    """(value, comment) of a string header card that fits on one 80-character card.
-
-    The value keeps at most 68 characters: the start of a longer text, or its end
-    with ``keep_end`` (the file name of a long path says more than its directories).
-    The comment is dropped when it no longer fits beside the value.
-    """
-    text = str(text)
-    if len(text) > FITS_TEXT:
-        text = text[-FITS_TEXT:] if keep_end else text[:FITS_TEXT]
-    # FITS pads string values to 8 characters and doubles embedded quotes.
-    if max(len(text.replace("'", "''")), 8) + len(comment) > _CARD_ROOM:
-        comment = ""
-    return text, comment
-
 
 def _catalog_keyword(catalog_name):
     return text_keyword(catalog_name, "reference catalog for the photometry", keep_end=True)

@@ -58,8 +58,10 @@ PANELS = "otas"
 PANEL_SIDE = 3.0
 PANELS_WIDTH = 10.0
 PANELS_TOP, PANELS_RIGHT = 0.7, 1.0
-#: Preview: margins (inches) around the focal plane: left/right, bottom, top (title).
+#: Preview: margins (inches) around the focal plane: left/right, bottom, top (title);
+#: the figure is at least as wide as its title and legend.
 PREVIEW_MARGINS = (0.3, 0.5, 0.6)
+PREVIEW_MIN_WIDTH = 6.0
 #: Preview colours (RGB 0-1) of saturated and undefined pixels, and of a failed OTA.
 SATURATED_COLOUR = (1.0, 0.1, 0.1)
 UNDEFINED_COLOUR = (0.25, 0.45, 1.0)
@@ -668,11 +670,13 @@ def sky_orientation(data):
     return bool(ra_step > 0), bool(dec_step < 0)
 
 
-def orient(ax, width, height, data):
-    """Limits (0..width, 0..height) of a focal-plane figure, mirrored as :func:`sky_orientation` says."""
+def orient(ax, width, height, data, margin=0.0):
+    """Limits (0..width, 0..height, widened by margin) of a focal-plane figure, mirrored
+    as :func:`sky_orientation` says."""
     flip_x, flip_y = sky_orientation(data)
-    ax.set_xlim((width, 0) if flip_x else (0, width))
-    ax.set_ylim((height, 0) if flip_y else (0, height))
+    x, y = (-margin, width + margin), (-margin, height + margin)
+    ax.set_xlim(x[::-1] if flip_x else x)
+    ax.set_ylim(y[::-1] if flip_y else y)
 
 
 def focal_plane_title(data, what):
@@ -717,9 +721,10 @@ def draw_preview(figure, data, ota):
         inside[y0:y0 + size, x0:x0 + size] = True
     rgb, (low, high) = preview_colours(mosaic, inside)
     side, bottom, top = PREVIEW_MARGINS
-    size = (width / DPI + 2 * side, height / DPI + bottom + top)
+    size = (max(width / DPI + 2 * side, PREVIEW_MIN_WIDTH), height / DPI + bottom + top)
     figure.set_size_inches(*size)
-    ax = figure.add_axes([side / size[0], bottom / size[1], width / DPI / size[0], height / DPI / size[1]])
+    left = (size[0] - width / DPI) / 2
+    ax = figure.add_axes([left / size[0], bottom / size[1], width / DPI / size[0], height / DPI / size[1]])
     ax.imshow(rgb, origin="lower", interpolation="nearest", extent=(0, width, 0, height))
     orient(ax, width, height, data)
     ax.set_axis_off()
@@ -760,7 +765,8 @@ def draw_sky(figure, data, ota):
             mark_failed(ax, (x0, y0, size), number, data, fontsize=7)
     width = max(x + size for x, _, size in boxes.values())
     height = max(y + size for _, y, size in boxes.values())
-    orient(ax, width, height, data)
+    # A margin: outlines on the limits would be cut in half.
+    orient(ax, width, height, data, margin=0.01 * max(width, height))
     ax.set_aspect("equal")
     ax.set_axis_off()
     if image is not None:
@@ -782,6 +788,8 @@ def draw_sky(figure, data, ota):
 #: above it (both in panels).
 PANEL_MARGIN = 0.04
 PANEL_TEXT = 0.12
+#: A panel's key arrow is this fraction of the panel (a tenth would be a few pixels).
+PANEL_ARROW_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -867,14 +875,14 @@ def wcs_scatter_panel(ax, data, ota, box):
 
 def wcs_errors_panel(ax, data, ota, box):
     """``wcs2`` of one OTA: its matched stars (red) with their offsets (arrows); an arrow
-    of :func:`wcs_arrow_key` is :data:`ARROW_FRACTION` of the panel."""
+    of :func:`wcs_arrow_key` is :data:`PANEL_ARROW_FRACTION` of the panel."""
     to_panel, _ = sky_to_panel(data, ota, box)
     outline_panel(ax, data, ota, to_panel)
     pairs = data.matches[ota_mask(data.matches, ota)]
     u, v = to_panel(pairs["ODI_RA"], pairs["ODI_DEC"])
     d_ra, d_dec = sky_offsets(pairs)
     ax.plot(u, v, "r.", markersize=MARKER, rasterized=True)
-    length = ARROW_FRACTION * box.side / wcs_arrow_key(data)
+    length = PANEL_ARROW_FRACTION * box.side / wcs_arrow_key(data)
     # East is left: a positive RA offset points to smaller u.
     ax.quiver(u, v, -d_ra * length, d_dec * length, angles="xy", scale_units="xy", scale=1,
               width=0.0015, color="black")
@@ -953,7 +961,7 @@ def wcs_scatter_note(data):
 
 
 def wcs_errors_note(data):
-    return f'arrows: {wcs_arrow_key(data):g}" is a tenth of a panel'
+    return f'arrows: {wcs_arrow_key(data):g}" is a quarter of a panel'
 
 
 def seeing_panel_label(data, ota):

@@ -137,8 +137,8 @@ def frame_numbers(header):
 
     Each value names its keyword in a ``data-key`` attribute."""
     def cell(key, digits, unit=""):
-        shown = number(header, key, digits, unit)
-        return f'<span data-key="{key}">{text(shown)}</span>' if shown is not None else None
+        shown = number(header, key, digits)
+        return f'<span data-key="{key}">{shown}</span>{text(unit)}' if shown is not None else "?"
 
     rows = []
     failed = f", failed: OTA {text(header['FAILOTAS'])}" if header.get("FAILOTAS") else ""
@@ -147,7 +147,7 @@ def frame_numbers(header):
         rows.append(("WCS", f'rms {cell("WCS_RMS", 3, chr(34))} from {cell("WCS_NSRC", 0)} matched '
                             f'stars (RA {cell("WCS_RMSA", 3, chr(34))}, Dec {cell("WCS_RMSD", 3, chr(34))})'))
     elif "WCSCAL" in header:
-        rows.append(("WCS", "not calibrated: the canned WCS is kept"))
+        rows.append(("WCS", f"not calibrated ({text(header.get('WCSMSG', ''))}): the canned WCS is kept"))
     if number(header, "SEEING", 2) is not None and header["SEEING"] > 0:
         rows.append(("Seeing", f'{cell("SEEING", 2, chr(34))} FWHM ({cell("SEEING_N", 0)} stars)'))
     if header.get("PHOTCAL"):
@@ -155,7 +155,7 @@ def frame_numbers(header):
                                    f'(scatter {cell("PHOTZPSD", 3)} mag, {cell("PHOTZP_N", 0)} stars, '
                                    f'{text(header.get("PHOTBAND", ""))} band)'))
     elif "PHOTCAL" in header:
-        rows.append(("Zero point", "not determined"))
+        rows.append(("Zero point", f"not determined ({text(header.get('PHOTMSG', ''))})"))
     sky = f'{cell("SKYLEVEL", 1)} {text(header.get("BUNIT", ""))}'
     if "SKYMAG" in header:
         sky += f', {cell("SKYMAG", 2)} mag/arcsec&sup2;'
@@ -208,13 +208,13 @@ class RunReport:
 
 
 def problems(header, report):
-    """What failed, each with why, as lines of HTML."""
+    """What failed, each with why (``WCSMSG``, ``PHOTMSG``, the OTAs' errors, the plots'
+    warnings), as lines of HTML."""
     lines = [f"OTA {ota:02d} failed: {text(why)}" for ota, why in sorted(report.failures.items())]
-    for key, what, marks in (("WCSCAL", "WCS not calibrated", ("-fixwcs", "WCS")),
-                             ("PHOTCAL", "No photometric zero point", ("-photcalib", "photometric"))):
+    for key, what, why in (("WCSCAL", "WCS not calibrated", "WCSMSG"),
+                           ("PHOTCAL", "No photometric zero point", "PHOTMSG")):
         if key in header and not header[key]:
-            reasons = [w for w in report.warnings if any(mark in w for mark in marks)]
-            lines.append(f"{what}: {text('; '.join(reasons)) if reasons else 'see the warnings'}")
+            lines.append(f"{what}: {text(header.get(why, 'see the warnings'))}")
     lines += [text(w) for w in report.warnings if w.startswith("QA plot")]
     return lines
 

@@ -170,7 +170,8 @@ def star_fields(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def calibrated_fields(star_fields, tmp_path_factory):
-    """Each star field reduced with -fixwcs -photcalib -fitradialZP.
+    """Each star field reduced with -fixwcs -photcalib -fitradialZP, with its QA page and
+    plots: a night of three frames.
 
     Returns a list of (exposure, output file, the summary line printed).
     """
@@ -183,7 +184,7 @@ def calibrated_fields(star_fields, tmp_path_factory):
         output = root / f"field{i}.fits"
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            status = run_collectcells(exposure, output, f"-cals={cals}", "-fitradialZP", "-noqaplots",
+            status = run_collectcells(exposure, output, f"-cals={cals}", "-fitradialZP",
                                       f"-refcat={refcat_of(exposure)}")
         assert status == 0
         results.append((exposure, output, printed.getvalue().strip()))

@@ -30,7 +30,7 @@ def test_defaults():
         "gain": False, "fixwcs": False, "refcat": None, "simplewcs": False, "wcsoffset": (0.0, 0.0),
         "prep4sex": False, "indefval": options["indefval"], "singleota": None, "skipota": [],
         "centralonly": False, "noclobber": False, "bgmode": False, "photcalib": False,
-        "fitradialZP": False, "colourterms": False, "plotformat": ["png"], "otalevelplots": True,
+        "fitradialZP": False, "colourterms": False, "plotformat": ["png"], "otalevelplots": "panels",
         "qasubdirs": False, "qasubdirname": "QA", "create_qaplots": True, "addfitskey": {},
         "overscan": "clippedmean", "ncpus": os.cpu_count(), "timeout": None, "verbose": False, "profile": False,
         "update_persistency_only": False, "pupilghost": None, "fringe": None,
@@ -80,7 +80,8 @@ def test_mutable_defaults_are_not_shared():
     ("-colourterms", "colourterms", True),
     ("-refcat=gaia", "refcat", "gaia"),
     ("-plotformat=png,pdf", "plotformat", ["png", "pdf"]),
-    ("-nootalevelplots", "otalevelplots", False),
+    ("-nootalevelplots", "otalevelplots", "none"),
+    ("-otalevelplots", "otalevelplots", "files"),
     ("-qasubdirs", "qasubdirs", True),
     ("-qasubdirname=diagnostics", "qasubdirname", "diagnostics"),
     ("-noqaplots", "create_qaplots", False),
@@ -114,7 +115,7 @@ def test_qasubdirname_turns_on_qasubdirs():
 def test_later_flags_keep_one_another():
     options = parse("-gain", "-noqaplots", "-nootalevelplots", "-skipota=33")
     assert (options["gain"], options["create_qaplots"], options["otalevelplots"],
-            options["skipota"]) == (True, False, False, [33])
+            options["skipota"]) == (True, False, "none", [33])
 
 
 # --- parsing conventions (single-dash flags, =value, positionals) ------------------
