@@ -67,8 +67,10 @@ SATURATED_COLOUR = (1.0, 0.1, 0.1)
 UNDEFINED_COLOUR = (0.25, 0.45, 1.0)
 FAILED_COLOUR = "darkorange"
 #: Sky map of the cells: colours span the median +- the larger distance to these
-#: percentiles of all cells, so that one bad cell is off the scale and stands out.
+#: percentiles of all cells, so that one bad cell is off the scale and stands out, but
+#: at least +- this fraction of the median, so that noise does not look like structure.
 SKY_PERCENTILES = (2, 98)
+SKY_MIN_RANGE = 0.005
 SKY_COLOURS = "RdBu_r"
 
 #: The WCS plots need more matched pairs than this (as in the original).
@@ -735,8 +737,9 @@ def draw_preview(figure, data, ota):
                 va="top", fontsize=8, bbox=TEXT_BOX)
     figure.text(0.5, 1 - 0.08 / size[1], focal_plane_title(data, "Preview"), ha="center", va="top")
     figure.text(0.5, 0.1 / size[1],
-                f"zscale {low:.4g} .. {high:.4g} {data.bunit}, binned {block * data.binning}x"
-                f"{block * data.binning} px;  red: saturated;  blue: undefined",
+                f"zscale {low:.4g} .. {high:.4g} {data.bunit};  a pixel is the mean of "
+                f"{block * data.binning}x{block * data.binning} unbinned px;  red: saturated;  "
+                "blue: undefined",
                 ha="center", va="bottom", fontsize=9)
 
 
@@ -750,7 +753,7 @@ def draw_sky(figure, data, ota):
     levels = levels[np.isfinite(levels)]
     median = float(np.median(levels)) if levels.size else 0.0
     low, high = np.percentile(levels, SKY_PERCENTILES) if levels.size else (median, median)
-    half = max(median - low, high - median, 1e-3 * abs(median), 1e-30)
+    half = max(median - low, high - median, SKY_MIN_RANGE * abs(median), 1e-30)
     ax = figure.add_subplot()
     image = None
     for number, (x0, y0, size) in boxes.items():

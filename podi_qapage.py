@@ -54,10 +54,11 @@ th { background: #f2f2f2; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.failed td { background: #fdecea; }
 .warnings li { font-family: monospace; white-space: pre-wrap; }
-figure { margin: 1em 0; }
+.plots { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
+figure { margin: 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 figcaption { color: #555; font-size: 0.9em; }
-.otas { display: flex; flex-wrap: wrap; gap: 0.5em; }
+.otas { display: flex; flex-wrap: wrap; gap: 0.5em; width: 100%; }
 .otas figure { margin: 0; width: 24em; }
 img.broken { outline: 3px solid red; }
 """
@@ -290,7 +291,7 @@ def frame_page(header, report, plots, page, output):
 <h2>Warnings ({len(report.warnings)})</h2>
 <ul class="warnings">{warnings}</ul>
 <h2>Plots</h2>
-{plots_html(plots, page) or '<p>No plot could be made.</p>'}
+<div class="plots">{plots_html(plots, page) or '<p>No plot could be made.</p>'}</div>
 <script>{SCRIPT}</script>
 </body>
 </html>
@@ -401,6 +402,7 @@ def night_figure(rows, path):
                 ax.plot(hours, values, "o", markersize=5, label=name)
         if invert:
             ax.invert_yaxis()  # brighter sky up
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.4)
     axes[0].legend(loc="best", fontsize=8, title="filter")

@@ -1,15 +1,18 @@
 """Benchmark: podi_collectcells on a full 13-OTA pODI exposure (run by hand).
 
     python benchmarks/bench_collectcells.py [--ncpus N] [--repeat N] [--fixwcs] [--photcalib]
-        [--plots] [--fringe] [--pupilghost] [--persistency]
+        [--plots] [--fringe] [--pupilghost] [--persistency] [--odi5x6]
 
 Simulates once (cached in benchmarks/cache/) a full unbinned exposure with every
 effect and ~5,000 detectable stars, perfect masters in electrons and the camera's
 nonlinearity table, then times the reduction with bias, dark, flat, crosstalk,
 nonlinearity, gain and BPM. ``--fixwcs`` also times the run with source detection
 and the astrometric solution, ``--photcalib`` with aperture photometry and the zero
-point as well (both without QA plots), ``--plots`` with the QA plots of the last of
-these, and prints what each adds and how many sources the catalog holds.
+point as well (both without QA plots), ``--plots`` with the QA page and plots of the
+last of these, and prints what each adds and how many sources the catalog holds; a
+run with the QA page also prints the page's own time and CPU-seconds, as
+podi_collectcells measured them from the written frame to the written page.
+``--odi5x6`` times a full 30-OTA ODI 5x6 exposure with ``-photcalib`` and the QA page.
 ``--fringe`` times a second cached exposure (odi_i, fringes of 2 % of the sky, its
 perfect template and vectors) with and without ``-fringe``: what the measure and
 apply phases add. ``--pupilghost`` does the same with a third cached exposure
@@ -43,6 +46,8 @@ CACHE = HERE / "cache" / "density7500"
 SPEC = ExposureSpec(seed=42, mjd=56620.2, star_density=7500.0)
 FRINGE_CACHE = HERE / "cache" / "fringe"
 FRINGE_SPEC = ExposureSpec(seed=43, mjd=56620.25, filter="odi_i", fringe_amplitude=0.02)
+ODI5X6_CACHE = HERE / "cache" / "odi5x6"
+ODI5X6_SPEC = ExposureSpec(seed=45, mjd=57500.2, layout="odi_5x6", star_density=7500.0)
 GHOST_CACHE = HERE / "cache" / "pupilghost"
 GHOST_SPEC = ExposureSpec(seed=44, mjd=56620.27, pupilghost=1.0, rotator_angle=15.0)
 
@@ -87,6 +92,16 @@ def prepare_pupilghost():
     if not exposures or not any(cals.glob("pupilghost_template*")):
         exposures = [simulate_exposure(GHOST_SPEC, GHOST_CACHE)]
         write_true_calibrations(dataclasses.replace(GHOST_SPEC, rotator_angle=0.0), cals, gain=True)
+    return exposures[0], cals
+
+
+def prepare_odi5x6():
+    """The cached full ODI 5x6 exposure (30 OTAs) and its perfect masters."""
+    exposures = sorted(ODI5X6_CACHE.glob("o*.1")) if ODI5X6_CACHE.is_dir() else []
+    cals = ODI5X6_CACHE / "cals"
+    if not exposures or not (cals / "flat_odi_r_bin1.fits").exists():
+        exposures = [simulate_exposure(ODI5X6_SPEC, ODI5X6_CACHE)]
+        write_true_calibrations(ODI5X6_SPEC, cals, gain=True)
     return exposures[0], cals
 
 
@@ -176,6 +191,8 @@ def main():
     parser.add_argument("--fringe", action="store_true", help="also time -fringe")
     parser.add_argument("--pupilghost", action="store_true", help="also time -pupilghost")
     parser.add_argument("--persistency", action="store_true", help="also time -persistency")
+    parser.add_argument("--odi5x6", action="store_true",
+                        help="also time -photcalib with the QA page on a full ODI 5x6 frame")
     args = parser.parse_args()
     exposure, cals = prepare()
     output = CACHE / "reduced.fits"
@@ -228,6 +245,13 @@ def main():
               f"{best[1]:.2f} CPU-s; adds {best[0] - previous[0]:.2f} s and "
               f"{best[1] - previous[1]:.2f} CPU-s for {sources} sources")
         previous = best
+    if args.odi5x6:
+        wide, wide_cals = prepare_odi5x6()
+        wide_output = ODI5X6_CACHE / "reduced.fits"
+        best = collectcells_runs(wide, wide_output, [f"-cals={wide_cals}", "-gain", "-photcalib",
+                                                     f"-refcat={wide.parent / (wide.name + '.refcat.fits')}"],
+                                 args.repeat)
+        print(f"ODI 5x6 -photcalib with the QA page: {best[0]:.2f} s, {best[1]:.2f} CPU-s")
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"peak resident memory of the largest process: {children:.0f} MB; shared OTA "
           f"buffers in /dev/shm: at most {13 * 64} MB, freed as each OTA is written")
