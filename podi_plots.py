@@ -60,7 +60,7 @@ PANELS_WIDTH = 10.0
 PANELS_TOP, PANELS_RIGHT = 0.7, 1.0
 #: Preview: margins (inches) around the focal plane: left/right, bottom, top (title);
 #: the figure is at least as wide as its title and legend.
-PREVIEW_MARGINS = (0.3, 0.5, 0.6)
+PREVIEW_MARGINS = (0.3, 0.6, 0.6)
 PREVIEW_MIN_WIDTH = 6.0
 #: Preview colours (RGB 0-1) of saturated and undefined pixels, and of a failed OTA.
 SATURATED_COLOUR = (1.0, 0.1, 0.1)
@@ -736,10 +736,10 @@ def draw_preview(figure, data, ota):
         ax.text(x0 + 0.03 * box, y0 + 0.97 * box, f"{number:02d}", ha="right" if ax.xaxis_inverted() else "left",
                 va="top", fontsize=8, bbox=TEXT_BOX)
     figure.text(0.5, 1 - 0.08 / size[1], focal_plane_title(data, "Preview"), ha="center", va="top")
-    figure.text(0.5, 0.1 / size[1],
-                f"zscale {low:.4g} .. {high:.4g} {data.bunit};  a pixel is the mean of "
-                f"{block * data.binning}x{block * data.binning} unbinned px;  red: saturated;  "
-                "blue: undefined",
+    figure.text(0.5, 0.08 / size[1],
+                f"zscale {low:.4g} .. {high:.4g} {data.bunit}; a pixel is the mean of "
+                f"{block * data.binning}x{block * data.binning} unbinned px\n"
+                "red: saturated;  blue: undefined;  hatched: failed OTA",
                 ha="center", va="bottom", fontsize=9)
 
 

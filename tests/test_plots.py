@@ -39,10 +39,10 @@ SATURATED, UNDEFINED = (40, 70), slice(0, 10)
 #: Expected image sizes (pixels) of the 4-OTA frame: the standard plots; the figures of
 #: all OTAs (2 x 2 panels of 3 inches, 1.2 inches of colour bar and margin, 1.1 of
 #: title and note); the preview (6 inches at least; 132 + 128 preview px of OTAs 33
-#: and 43 side by side, 135 + 128 of 33 and 34, and 1.1 inches of title and legend).
+#: and 43 side by side, 135 + 128 of 33 and 34, and 1.2 inches of title and legend).
 STANDARD_SIZE = (800, 600)
 PANELS_SIZE = (720, 710)
-PREVIEW_SIZE = (600, 263 + 110)
+PREVIEW_SIZE = (600, 263 + 120)
 
 
 def ota_centre(ota):

@@ -22,8 +22,8 @@ FULL_FRAME = ("preview", "sky") + PER_OTA + ("photZP", "photZP_radial")
 OTAS = (33, 34, 43, 44)
 #: Image sizes (pixels) of the 4-OTA binned frames: the standard plots, the figures of
 #: all OTAs (2 x 2 panels) and the preview (at least 6 inches wide; 260 x 263 preview
-#: pixels plus 1.1 inches of title and legend).
-STANDARD_SIZE, PANELS_SIZE, PREVIEW_SIZE = (800, 600), (720, 710), (600, 373)
+#: pixels plus 1.2 inches of title and legend).
+STANDARD_SIZE, PANELS_SIZE, PREVIEW_SIZE = (800, 600), (720, 710), (600, 383)
 #: Keyword -> decimals shown on the page.
 PAGE_NUMBERS = {"NOTAS": 0, "NFAILED": 0, "WCS_RMS": 3, "WCS_NSRC": 0, "SEEING": 2, "PHOTZP": 4,
                 "PHOTZPER": 4, "SKYLEVEL": 1, "SKYMAG": 2, "PHOTDPTH": 2}
