@@ -72,6 +72,7 @@ import copy
 import logging
 import math
 import os
+import shutil
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,7 +225,14 @@ def _plot_formats(flag, value):
     if unknown:
         raise OptionError(f"-{flag}={value}: {', '.join(unknown)} not a plot format "
                           f"(choose from {', '.join(sorted(known))})")
-    return [word.lower() for word in formats]
+    formats = [word.lower() for word in formats]
+    if "pgf" in formats:
+        # matplotlib lays out pgf text with LaTeX: without it every plot would fail.
+        from matplotlib import rcParams
+        tex = rcParams["pgf.texsystem"]
+        if shutil.which(tex) is None:
+            raise OptionError(f"-{flag}={value}: pgf needs {tex} (LaTeX), which is not installed")
+    return formats
 
 
 def _fits_key(flag, value):

@@ -319,6 +319,15 @@ def test_bad_values(flag, message):
     assert "\n" not in str(info.value)
 
 
+def test_pgf_plots_need_latex(monkeypatch):
+    monkeypatch.setattr(cl.shutil, "which", lambda name: None)
+    with pytest.raises(OptionError, match=r"-plotformat=png,pgf: pgf needs xelatex \(LaTeX\), which is "
+                                          "not installed"):
+        parse("-plotformat=png,pgf")
+    monkeypatch.setattr(cl.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert parse("-plotformat=png,pgf")["plotformat"] == ["png", "pgf"]
+
+
 # --- output file names (templates, folders, .fits) ---------------------------------
 
 HEADER = {"FILTER": "odi_r", "OBJECT": "M 31 (field 2), 'A'/\"B\" \\x`y", "OBSID": "o20131212T012345.1",

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.table import Table
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 from matplotlib.patches import Ellipse
@@ -231,6 +232,49 @@ def test_formats_and_qa_folder_with_one_file_per_ota(frame, tmp_path):
     assert all(path.stat().st_size > 5000 for path in paths)
     assert (qa / "wcs1.pdf").read_bytes().startswith(b"%PDF")
     assert all(image_size(qa / plot / "OTA44.png") == STANDARD_SIZE for plot in PER_OTA)
+
+
+def file_image_size(path):
+    """(width, height) in pixels (at the figures' 100 dpi) of a plot file of any format."""
+    import gzip
+    import re
+
+    from PIL import Image
+    data = path.read_bytes()
+    if path.suffix in (".raw", ".rgba"):
+        return len(data) // 4  # RGBA bytes: the caller knows the aspect
+    if path.suffix == ".svgz":
+        data = gzip.decompress(data)
+    if path.suffix in (".svg", ".svgz"):
+        box = re.search(rb'width="([\d.]+)pt" height="([\d.]+)pt"', data)
+        return round(float(box[1]) * 100 / 72), round(float(box[2]) * 100 / 72)
+    if path.suffix == ".pdf":
+        box = re.search(rb"/MediaBox \[ *0 0 ([\d.]+) ([\d.]+) *\]", data)
+        return round(float(box[1]) * 100 / 72), round(float(box[2]) * 100 / 72)
+    if path.suffix in (".eps", ".ps"):
+        x0, y0, x1, y1 = map(float, re.search(rb"%%BoundingBox: (\d+) (\d+) (\d+) (\d+)", data).groups())
+        return round((x1 - x0) * 100 / 72), round((y1 - y0) * 100 / 72)
+    with Image.open(path) as image:
+        image.load()
+        return image.size
+
+
+#: Every format matplotlib writes here; pgf needs LaTeX (refused by -plotformat without it).
+FORMATS = sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})
+
+
+@pytest.mark.parametrize("plot, ota, size", [("preview", None, PREVIEW_SIZE), ("seeing", PANELS, PANELS_SIZE),
+                                             ("photZP", None, STANDARD_SIZE)])
+def test_every_format_is_a_valid_file_of_the_figure_size(frame, tmp_path, plot, ota, size):
+    paths = [tmp_path / f"{plot}.{fmt}" for fmt in FORMATS]
+    podi_plots.render(frame, plot, ota, paths)
+    for path in paths:
+        found = file_image_size(path)
+        if isinstance(found, int):
+            assert found == size[0] * size[1], path.name
+        else:
+            # Points round to whole numbers in PostScript bounding boxes.
+            assert found == pytest.approx(size, abs=2), path.name
 
 
 def test_renders_are_deterministic(frame, tmp_path):

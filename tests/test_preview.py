@@ -8,7 +8,6 @@ podi_definitions, so that a wrong cell placement there cannot pass.
 import math
 
 import numpy as np
-import pytest
 
 from podi_definitions import PODI
 from podi_preview import focal_plane_mosaic, ota_quicklook, preview_block
