@@ -280,14 +280,20 @@ def quick_look(qa_data, primary, output, settings, report):
 # --- The whole frame ----------------------------------------------------------------------
 
 def exposure_header(exposure):
-    """Primary header and binning of the first readable OTA file of an exposure."""
-    problems = []
+    """Primary header and binning of the exposure: the binning of most of its readable
+    OTA files, the header of the first of them. A file of another binning, or one
+    that cannot be read, fails its own OTA later, never the frame."""
+    readable, problems = {}, []
     for ota in sorted(exposure.ota_files):
         try:
-            return read_exposure_header(exposure.ota_files[ota])
+            readable[ota] = read_exposure_header(exposure.ota_files[ota])
         except RawDataError as error:
             problems.append(error)
-    raise ReductionError(f"{exposure.base}: no readable OTA file (first problem: {problems[0]})")
+    if not readable:
+        raise ReductionError(f"{exposure.base}: no readable OTA file (first problem: {problems[0]})")
+    binnings = [binning for _, binning in readable.values()]
+    binning = max(sorted(set(binnings)), key=binnings.count)
+    return next(header for header, found in readable.values() if found == binning), binning
 
 
 def collectcells(options, argv=()):
@@ -338,7 +344,7 @@ def reduce_exposure(options, argv, warnings):
         if calibrations.get(step):
             check_calibration_binning(calibrations[step], size)
     corrections = frame_corrections(calibrations, first_header, binning)
-    settings = run_settings(options, calibrations, corrections)
+    settings = run_settings(options, calibrations, corrections, binning)
     load_calibrations(settings.reduction)
     # A missing or unreadable catalog stops the frame before any work: a night loop
     # must not write frames that silently lack their calibration.

@@ -136,6 +136,10 @@ def _normalise(table, source):
     missing = [c for c in ("ra", "dec") if c not in table.colnames]
     if missing:
         raise RefcatError(f"reference catalog {source} has no {'/'.join(missing)} column")
+    for name in [c for c in _CANONICAL if c in table.colnames]:
+        if table[name].dtype.kind not in "fiu":
+            raise RefcatError(f"reference catalog {source}: column {name} holds "
+                              f"{table[name].dtype.name} values, not numbers")
     return table
 
 

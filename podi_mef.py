@@ -313,10 +313,11 @@ def read_ota_image(filename, ota, size, mapped=False):
 
 
 def check_calibration_binning(filename, size):
-    """Raise :class:`CalibrationError` unless the OTA images of a master are ``size`` square.
+    """Raise :class:`CalibrationError` unless some OTA image of a master is ``size`` square.
 
     Checked once per frame, before any OTA is reduced, so that a master of the
-    wrong binning stops the frame with one clear message.
+    wrong binning stops the frame with one clear message; one extension of another
+    size fails only its OTA (:func:`read_ota_image`).
     """
     try:
         hdulist, _ = open_calibration(filename)
@@ -327,7 +328,7 @@ def check_calibration_binning(filename, size):
                                f"({' '.join(str(error).split())})") from None
     if not shapes:
         raise CalibrationError(f"{filename}: holds no OTA images")
-    if shapes != {(size, size)}:
+    if (size, size) not in shapes:
         found = ", ".join(f"{s[1]}x{s[0]}" for s in sorted(shapes))
         raise CalibrationError(f"{filename}: OTA images are {found}, the raw data need "
                                f"{size}x{size}: binning does not match")

@@ -227,9 +227,10 @@ FINISH_STAGES = [sky_level, detect_sources, quick_look, undefined_value, inherit
 
 # --- The phases ---------------------------------------------------------------------------
 
-def reduce_phase(filename, image, settings):
-    """Calibrate one raw OTA file into ``image`` and place it (WCS, detector section)."""
-    frame = reduce_ota(filename, settings.reduction, out=image)
+def reduce_phase(ota, filename, image, settings):
+    """Calibrate the raw file of OTA ``ota`` into ``image`` and place it (WCS, detector
+    section); the file must be that OTA's and of the exposure's binning."""
+    frame = reduce_ota(filename, settings.reduction, out=image, expected=(ota, settings.binning))
     for stage in PLACEMENT_STAGES:
         stage(frame, settings)
     return frame
@@ -245,6 +246,13 @@ def finish_phase(frame, settings):
     """
     for stage in FINISH_STAGES:
         stage(frame, settings)
+    # FITS has no NaN in headers: a measurement that came out undefined says so here,
+    # by name, instead of failing in astropy.
+    undefined = [key for key, value in frame.header.items()
+                 if isinstance(value, float) and not math.isfinite(value)]
+    if undefined:
+        raise ValueError(f"OTA {frame.ota:02d}: {', '.join(undefined[:5])} came out undefined "
+                         "(NaN or infinite); the data are unusable")
     image = frame.image
     datasum = native_datasum(image)
     if sys.byteorder == "little":
@@ -303,7 +311,7 @@ def apply_phase(frame, settings, parameters):
 
 def collect_reduce_ota(ota, image, settings, filename):
     """Reduce and finish one OTA in one go (no frame-wide correction asked for)."""
-    return finish_phase(reduce_phase(filename, image, settings), settings)
+    return finish_phase(reduce_phase(ota, filename, image, settings), settings)
 
 
 def reduce_and_measure(ota, image, settings, filename):
@@ -315,7 +323,7 @@ def reduce_and_measure(ota, image, settings, filename):
         The OTA's state without its pixels (they stay in ``image``), and its
         measurements; or, when no correction takes part in the OTA, the finished OTA.
     """
-    frame = reduce_phase(filename, image, settings)
+    frame = reduce_phase(ota, filename, image, settings)
     # Every correction decides (and records) whether it takes part.
     taking = [correction.name for correction in settings.corrections if correction.takes_part(frame)]
     if not taking:

@@ -27,7 +27,7 @@ from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, 
                               cell_to_ota, layout_for_mjd, ota_extname)
 from podi_mef import CalibrationError, header_number, open_calibration, read_ota_image
 from podi_overscan import subtract_overscan
-from podi_rawdata import exposure_base_from_file, open_raw_ota
+from podi_rawdata import RawDataError, exposure_base_from_file, open_raw_ota
 
 logger = logging.getLogger(__name__)
 
@@ -261,9 +261,37 @@ def assemble(frame, settings):
 
 # --- Stages on the OTA array ----------------------------------------------------------
 
+#: Masters are checked on every this many pixels along each axis (65,000 of an OTA).
+MASTER_SAMPLE_STEP = 16
+#: A master OTA image with less than this fraction of finite (for a flat: positive)
+#: sampled pixels is broken: the OTA fails rather than come out meaningless.
+MIN_GOOD_FRACTION = 0.5
+#: A master bias is overscan-subtracted, a master dark bias-subtracted: the median of
+#: either lies within this (BUNIT) of 0.
+LEVEL_LIMIT = 200.0
+
+
 def _master(frame, filename, step):
+    """A master's image of this OTA (a read-only memory map), its extension and primary
+    headers, after checking that it is usable (:data:`MIN_GOOD_FRACTION`, :data:`LEVEL_LIMIT`).
+
+    Raises
+    ------
+    CalibrationError
+        Naming the file, the OTA and what is wrong: the OTA fails, not the frame.
+    """
     size = cell_geometry(frame.binning).ota_size
     data, header, primary = read_ota_image(filename, frame.ota, size, mapped=True)
+    sample = np.asarray(data[::MASTER_SAMPLE_STEP, ::MASTER_SAMPLE_STEP], dtype=np.float32)
+    good = sample > 0 if step == "flat" else np.isfinite(sample)
+    if good.mean() < MIN_GOOD_FRACTION:
+        what = "positive" if step == "flat" else "finite"
+        raise CalibrationError(f"{filename}: master {step} of OTA {frame.ota:02d} is only "
+                               f"{100 * good.mean():.0f} % {what}: unusable")
+    if step in ("bias", "dark") and abs(float(np.median(sample[good]))) > LEVEL_LIMIT:
+        raise CalibrationError(f"{filename}: master {step} of OTA {frame.ota:02d} has a median of "
+                               f"{float(np.median(sample[good])):.0f}, not near 0: a master {step} is "
+                               f"{'overscan' if step == 'bias' else 'bias'}-subtracted")
     frame.header[f"CC-{step.upper()[:5]}"] = (Path(filename).name, f"master {step}")
     return data, header, primary
 
@@ -323,6 +351,10 @@ def flat(frame, settings):
             frame.header[key] = (header[key], header.comments[key])
     with np.errstate(divide="ignore", invalid="ignore"):
         frame.image /= data
+    # No response, no data: a pixel whose flat is 0 or negative is undefined (NaN),
+    # never of the wrong sign (infinite ones become NaN when the OTA is finished).
+    if (np.asarray(data[::MASTER_SAMPLE_STEP, ::MASTER_SAMPLE_STEP]) <= 0).any():
+        np.copyto(frame.image, np.float32(np.nan), where=~(data > 0))
     response = data[::8, ::8]
     response = response[np.isfinite(response)]
     if response.size:
@@ -381,8 +413,29 @@ def persistency(frame, settings):
                  + (f", {corrected} corrected" if settings.persistency_model else ""))
 
 
+def infinite_pixels(frame, settings):
+    """Pixels that came out infinite (a master's infinite values) are undefined (NaN),
+    as every other pixel without a meaningful value."""
+    infinite = np.isinf(frame.image)
+    if infinite.any():
+        frame.image[infinite] = np.nan
+        frame.record("infinite", f"{int(infinite.sum())} infinite pixels made undefined")
+
+
 CELL_STAGES = [find_saturation, correct_crosstalk, overscan, nonlinearity, gain, assemble]
-OTA_STAGES = [bias, dark, flat, bad_pixels, persistency]
+OTA_STAGES = [bias, dark, flat, bad_pixels, persistency, infinite_pixels]
+
+
+def check_expected(raw, ota, binning):
+    """Raise :class:`RawDataError` unless an opened raw file is OTA ``ota`` (its name's)
+    at ``binning``: a file whose ``FPPOS`` names another OTA would be calibrated with
+    that OTA's masters and written twice."""
+    if raw.ota != ota:
+        raise RawDataError(raw.filename, f"FPPOS = {raw.header['FPPOS']!r} says OTA {raw.ota:02d}, "
+                                         f"the file name says OTA {ota:02d}")
+    if raw.binning != binning:
+        raise RawDataError(raw.filename, f"binned {raw.binning}x{raw.binning}, the exposure's other "
+                                         f"OTA files {binning}x{binning}")
 
 
 def _header_gains(raw):
@@ -393,10 +446,17 @@ def _header_gains(raw):
 
 
 def _output_header(raw, gains):
+    """The OTA's output header: the raw primary's cards (but structure and comments),
+    the OTA and every cell's gain. A raw card that is not valid FITS (a garbled
+    byte) is left out with a HISTORY note rather than failing the OTA when written."""
     header = fits.Header()
     for card in raw.header.cards:
         if card.keyword not in _STRUCTURE_CARDS and card.keyword not in ("", "COMMENT"):
-            header.append(card)
+            try:
+                card.verify("exception")
+                header.append(card)
+            except Exception:  # noqa: BLE001 - astropy raises several types for a bad card
+                header.add_history(f"raw card {card.keyword[:20]!r} left out: not valid FITS")
     header["EXTNAME"] = ota_extname(raw.ota)
     header["OTA"] = (raw.ota, "OTA position")
     for cx, cy in all_cells():
@@ -440,7 +500,7 @@ def _cell_buffer(cell_shape):
     return np.empty((N_CELLS, N_CELLS) + tuple(cell_shape), np.float32)
 
 
-def reduce_ota(filename, settings, stop_after=None, out=None):
+def reduce_ota(filename, settings, stop_after=None, out=None, expected=None):
     """Reduce one raw OTA file.
 
     Parameters
@@ -451,12 +511,21 @@ def reduce_ota(filename, settings, stop_after=None, out=None):
         Name of the last stage to run (e.g. ``'bias'`` for master darks).
     out : numpy.ndarray, optional
         float32 OTA array to assemble into (filled completely).
+    expected : (int, int), optional
+        The OTA (from the file's name) and binning the exposure expects of this file.
 
     Returns
     -------
     OTAFrame
+
+    Raises
+    ------
+    RawDataError
+        The file is unusable, or not the expected OTA or binning.
     """
     with open_raw_ota(filename) as raw:
+        if expected is not None:
+            check_expected(raw, *expected)
         gains = _header_gains(raw)
         frame = OTAFrame(Path(filename), raw.ota, raw.binning, raw.header.copy(), _output_header(raw, gains),
                          cells=raw.cells(out=_cell_buffer(raw.cell_shape)), header_gains=gains,
@@ -464,6 +533,9 @@ def reduce_ota(filename, settings, stop_after=None, out=None):
     frame.files_used["raw"] = str(Path(filename).resolve())
     gains = cell_gains(frame)
     used = frame.used_cells
+    if not used:
+        raise RawDataError(filename, f"no cell holds science data (CELLMODE = "
+                                     f"{str(frame.primary.get('CELLMODE', ''))[:20]!r}...)")
     frame.header["GAIN"] = (float(np.mean([gains[cy, cx] for cx, cy in used])) if used else 1.0,
                             "mean gain of the used cells (e-/ADU)")
     for stage in CELL_STAGES + OTA_STAGES:

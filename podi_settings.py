@@ -81,6 +81,8 @@ class RunSettings:
     timeout : float or None
         Seconds the frame may take.
     qa : QASettings
+    binning : int
+        Binning of the exposure (of most of its OTA files).
     nonsidereal : podi_nonsidereal.SkyMotion or None
         ``-nonsidereal``: the WCS follows a moving target.
     """
@@ -99,6 +101,7 @@ class RunSettings:
     serial: bool = False
     timeout: float = None
     qa: QASettings = QASettings()
+    binning: int = 1
     nonsidereal: object = None
 
     @property
@@ -126,7 +129,7 @@ def reduction_settings(calibrations, options):
                              persistency_model=bool(options.get("persistency_model")))
 
 
-def run_settings(options, calibrations, corrections=()):
+def run_settings(options, calibrations, corrections=(), binning=1):
     """:class:`RunSettings` from the command-line options and resolved calibrations.
 
     Parameters
@@ -137,6 +140,8 @@ def run_settings(options, calibrations, corrections=()):
         :func:`podi_calibfiles.resolve_calibrations` result (step -> path or None).
     corrections : sequence
         The frame-wide correction objects, already set up for this exposure.
+    binning : int
+        The exposure's binning.
     """
     wcs_file = calibrations.get("wcs")
     ncpus = max(1, int(options.get("ncpus") or os.cpu_count() or 1))
@@ -156,6 +161,7 @@ def run_settings(options, calibrations, corrections=()):
         prep4sex=bool(options.get("prep4sex")),
         ncpus=ncpus,
         serial=bool(options.get("profile")) or ncpus == 1,
+        binning=binning,
         timeout=options.get("timeout") or None,
         nonsidereal=options.get("nonsidereal"),
         qa=QASettings(create=bool(options.get("create_qaplots", True)),
