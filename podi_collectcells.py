@@ -54,7 +54,7 @@ from podi_rawdata import RawDataError, find_exposure, read_exposure_header
 from podi_reduceota import load_calibrations
 from podi_settings import run_settings
 from podi_sky import global_sky
-from podi_workers import JobsTimedOut, SharedBuffers, WorkerPool
+from podi_workers import JobsTimedOut, SharedBuffers, WorkerPool, kill_point
 
 logger = logging.getLogger("podi_collectcells")
 
@@ -176,6 +176,7 @@ class OrderedSink:
             if result is not None:
                 self.offsets[ota] = self.stream.add_image(result.header_text, self.buffers.paths[ota],
                                                           self.buffers.nbytes)
+                kill_point("first-ota" if len(self.offsets) == 1 else "later-ota")
             self.buffers.release(ota)
 
 
@@ -320,6 +321,7 @@ def reduce_exposure(options, argv, warnings):
     """:func:`collectcells` with the run's warnings collected into ``warnings.lines``."""
     start = time.monotonic()
     exposure = find_exposure(options["input"])
+    kill_point("start")
     if options.get("persistency"):
         podi_persistency.catalog_folder(options["persistency"])
     if options.get("update_persistency_only"):
@@ -346,6 +348,7 @@ def reduce_exposure(options, argv, warnings):
     corrections = frame_corrections(calibrations, first_header, binning)
     settings = run_settings(options, calibrations, corrections, binning)
     load_calibrations(settings.reduction)
+    kill_point("calibrations")
     # A missing or unreadable catalog stops the frame before any work: a night loop
     # must not write frames that silently lack their calibration.
     refcat = None
@@ -359,8 +362,13 @@ def reduce_exposure(options, argv, warnings):
         logger.info("%s %s: reducing %s (%d OTAs, binning %d)", PIPELINE_NAME, PIPELINE_VERSION,
                     exposure.base, len(otas), binning)
     output.parent.mkdir(parents=True, exist_ok=True)
-    buffers = SharedBuffers(otas, (size, size))
     stream = StreamedMEF(output)
+    try:
+        buffers = SharedBuffers(otas, (size, size))
+    except BaseException:
+        stream.abort()
+        raise
+    kill_point("buffers")
     deadline = start + settings.timeout if settings.timeout else None
     try:
         sink = OrderedSink(stream, otas, buffers)
@@ -373,6 +381,7 @@ def reduce_exposure(options, argv, warnings):
                 pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
             else:
                 results, failures, keywords = reduce_otas(jobs, settings, pool, sink)
+        kill_point("reduced")
         if not results:
             raise ReductionError(f"{exposure.base}: every OTA failed; no output written")
         tables = []
@@ -380,6 +389,7 @@ def reduce_exposure(options, argv, warnings):
             found, tables = podi_framecalib.frame_calibrations(results, refcat, first_header, settings,
                                                                size)
             add_keywords(keywords, found)
+        kill_point("calibrated")
         if settings.nonsidereal is not None:
             add_keywords(keywords, podi_nonsidereal.follow_target(
                 results, settings.nonsidereal, float(first_header.get("MJD-OBS", 0.0))))
@@ -388,6 +398,7 @@ def reduce_exposure(options, argv, warnings):
                 stream.patch_header(offset, results[ota].header_text)
         for table in tables + [association_table(results, settings.corrections)]:
             stream.add_table(table)
+        kill_point("tables")
         primary = primary_header(first_header, results, failures, settings, argv)
         add_keywords(primary, keywords)
         if settings.makes_qa:
@@ -397,7 +408,9 @@ def reduce_exposure(options, argv, warnings):
             if key in primary:
                 logger.warning("-addfitskey=%s replaces the pipeline's %s", key, key)
             primary[key] = (value, "user-added keyword")
+        kill_point("primary")
         stream.finish(primary)
+        kill_point("renamed")
         if settings.reduction.persistency:
             # Written once the frame is safe: the next exposures mask its persistence.
             podi_persistency.write_catalog(settings.reduction.persistency, exposure.base, first_header,
@@ -415,6 +428,7 @@ def reduce_exposure(options, argv, warnings):
     if settings.makes_qa:
         quick_look(lambda: podi_framecalib.qa_data(results, failures, tables, keywords, first_header, binning),
                    primary, output, settings, podi_qapage.RunReport(failures, warnings.lines, seconds))
+    kill_point("qa")
     print(summary_line(exposure.base, primary, output, time.monotonic() - start))
     return output
 

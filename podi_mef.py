@@ -6,6 +6,8 @@ written under a temporary name and renamed, so that a crash or a kill never leav
 a partial file behind.
 """
 
+import contextlib
+import errno
 import functools
 import io
 import os
@@ -16,10 +18,40 @@ import numpy as np
 from astropy.io import fits
 
 from podi_definitions import ota_from_fppos
+from podi_workers import process_exists
 
 
 class CalibrationError(Exception):
     """A calibration file that cannot be used; the message names file and problem."""
+
+
+class OutputError(OSError):
+    """An output file that cannot be written (disk full, folder removed, ...); the
+    message names the file and the reason, and no part of the file is left."""
+
+    def __init__(self, filename, error):
+        reason = error.strerror or " ".join(str(error).split()) or type(error).__name__
+        super().__init__(f"{filename}: cannot be written ({reason}); no output written")
+        self.errno = error.errno
+
+
+def temporary_name(filename):
+    """The name a file is written under until it is complete: ``.<name>.<pid>.tmp``."""
+    filename = Path(filename)
+    return filename.with_name(f".{filename.name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temporaries(filename):
+    """Remove the temporary files of ``filename`` left by runs that were killed (their
+    process no longer exists); returns how many."""
+    filename = Path(filename)
+    removed = 0
+    for path in filename.parent.glob(f".{filename.name}.*.tmp*"):
+        pid = path.name[len(filename.name) + 2:].split(".")[0]
+        if pid.isdigit() and not process_exists(int(pid)):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def write_atomic(hdulist, filename, overwrite=True):
@@ -35,7 +67,7 @@ def write_atomic(hdulist, filename, overwrite=True):
     filename = Path(filename)
     if not overwrite and filename.exists():
         raise FileExistsError(f"{filename}: exists")
-    tmp = filename.with_name(f".{filename.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(filename)
     try:
         hdulist.writeto(tmp, overwrite=True, checksum=True)
         os.replace(tmp, filename)
@@ -159,11 +191,33 @@ class StreamedMEF:
 
     def __init__(self, filename, reserved_blocks=12):
         self.filename = Path(filename)
-        self.tmp = self.filename.with_name(f".{self.filename.name}.{os.getpid()}.tmp")
+        remove_stale_temporaries(self.filename)
+        self.tmp = temporary_name(self.filename)
         self.reserved = reserved_blocks * 2880
         self.header_sizes = {}
-        self.out = open(self.tmp, "wb", buffering=0)
-        self.out.write(bytes(self.reserved))
+        with self._writing():
+            self.out = open(self.tmp, "wb", buffering=0)
+            self.out.write(bytes(self.reserved))
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Turn an operating-system error of writing (disk full, folder removed) into
+        an :class:`OutputError` naming the output."""
+        try:
+            yield
+        except OutputError:
+            raise
+        except OSError as error:
+            raise OutputError(self.filename, error) from None
+
+    def _copy(self, target, source, offset, nbytes):
+        """Copy nbytes of file ``source`` from ``offset`` to the end of ``target``, kernel to kernel."""
+        copied = 0
+        while copied < nbytes:
+            sent = os.sendfile(target.fileno(), source.fileno(), offset + copied, nbytes - copied)
+            if sent == 0:
+                raise OSError(errno.EIO, f"{source.name} ended {nbytes - copied} bytes early")
+            copied += sent
 
     def add_image(self, header_text, data_path, nbytes):
         """Append an image extension: header text (with checksums) and its data file.
@@ -173,14 +227,13 @@ class StreamedMEF:
         int
             Offset of the extension's header in the file, for :meth:`patch_header`.
         """
-        offset = self.out.tell()
-        self.header_sizes[offset] = len(header_text)
-        self.out.write(header_text.encode("ascii"))
-        with open(data_path, "rb") as source:
-            copied = 0
-            while copied < nbytes:
-                copied += os.sendfile(self.out.fileno(), source.fileno(), copied, nbytes - copied)
-        self.out.write(bytes(-nbytes % 2880))
+        with self._writing():
+            offset = self.out.tell()
+            self.header_sizes[offset] = len(header_text)
+            self.out.write(header_text.encode("ascii"))
+            with open(data_path, "rb") as source:
+                self._copy(self.out, source, 0, nbytes)
+            self.out.write(bytes(-nbytes % 2880))
         return offset
 
     def patch_header(self, offset, header_text):
@@ -188,30 +241,32 @@ class StreamedMEF:
         if len(header_text) != self.header_sizes[offset]:
             raise ValueError(f"{self.filename}: a rewritten header must keep its "
                              f"{self.header_sizes[offset]} bytes, not {len(header_text)}")
-        os.pwrite(self.out.fileno(), header_text.encode("ascii"), offset)
+        with self._writing():
+            os.pwrite(self.out.fileno(), header_text.encode("ascii"), offset)
 
     def add_table(self, hdu):
-        self.out.write(hdu_bytes(hdu))
+        with self._writing():
+            self.out.write(hdu_bytes(hdu))
 
     def finish(self, primary_header):
         """Write the data-less primary HDU at the start and give the file its name."""
         primary = _primary_bytes(primary_header, self.reserved)
-        if len(primary) == self.reserved:
-            os.pwrite(self.out.fileno(), primary, 0)
-            self.out.close()
-        else:
-            # The header outgrew its space: copy the extensions behind a larger one.
-            self.out.close()
-            moved = self.tmp.with_name(self.tmp.name + ".2")
-            with open(self.tmp, "rb") as source, open(moved, "wb", buffering=0) as out:
-                out.write(primary)
-                size = self.tmp.stat().st_size - self.reserved
-                copied = 0
-                while copied < size:
-                    copied += os.sendfile(out.fileno(), source.fileno(), self.reserved + copied,
-                                          size - copied)
-            os.replace(moved, self.tmp)
-        os.replace(self.tmp, self.filename)
+        with self._writing():
+            if len(primary) == self.reserved:
+                os.pwrite(self.out.fileno(), primary, 0)
+                self.out.close()
+            else:
+                # The header outgrew its space: copy the extensions behind a larger one.
+                self.out.close()
+                moved = self.tmp.with_name(self.tmp.name + ".2")
+                try:
+                    with open(self.tmp, "rb") as source, open(moved, "wb", buffering=0) as out:
+                        out.write(primary)
+                        self._copy(out, source, self.reserved, self.tmp.stat().st_size - self.reserved)
+                    os.replace(moved, self.tmp)
+                finally:
+                    moved.unlink(missing_ok=True)
+            os.replace(self.tmp, self.filename)
 
     def abort(self):
         self.out.close()

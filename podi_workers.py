@@ -15,17 +15,21 @@ crashed) fails its job and is replaced. A deadline kills every worker and raises
 :class:`JobsTimedOut`. ``serial=True`` runs the jobs in the calling process (for
 profiling); both paths report through the same bookkeeping (:class:`_Ledger`).
 
-Test hook: ``PODI_FAULT=<kind>:<key>`` (key printed with two digits, as ``33``) makes
-the job of that key ``crash`` (its process exits), ``hang`` or ``raise``, so that
-failure handling is tested by injected faults rather than by racing sleeps.
+Test hooks: ``PODI_FAULT=<kind>:<key>`` (key printed with two digits, as ``33``) makes
+the job of that key ``crash`` (its process exits), ``kill`` (SIGKILL), ``hang`` or
+``raise``; ``PODI_KILL_AT=<name>`` kills the process that reaches
+:func:`kill_point` of that name; so that failure handling is tested by injected
+faults rather than by racing sleeps.
 """
 
+import contextlib
 import ctypes
 import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -40,8 +44,22 @@ class JobsTimedOut(Exception):
     """The deadline passed; every worker was killed. The message is one line."""
 
 
+def process_exists(pid):
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class SharedBuffers:
     """One file-backed native float32 array per key in shared memory (``/dev/shm``).
+
+    The folder is ``podi_<pid>_<random>``: a run that was killed cannot remove its
+    buffers, so every new set first removes those of processes that no longer exist.
 
     Parameters
     ----------
@@ -49,9 +67,13 @@ class SharedBuffers:
     shape : tuple of int
     """
 
+    #: Prefix of the buffer folders; the owning process's id follows.
+    PREFIX = "podi_"
+
     def __init__(self, keys, shape):
-        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        self.directory = Path(tempfile.mkdtemp(prefix="podi_", dir=root))
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        self.remove_stale(root)
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}_", dir=root))
         self.shape = tuple(shape)
         self.nbytes = int(np.prod(self.shape)) * 4
         self.paths = {}
@@ -74,6 +96,17 @@ class SharedBuffers:
             path.unlink(missing_ok=True)
         self.directory.rmdir()
 
+    @classmethod
+    def remove_stale(cls, root):
+        """Remove the buffer folders in ``root`` of processes that no longer exist."""
+        for folder in Path(root).glob(f"{cls.PREFIX}*_*"):
+            pid = folder.name[len(cls.PREFIX):].split("_")[0]
+            if pid.isdigit() and not process_exists(int(pid)):
+                for path in folder.glob("*"):
+                    path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
 
 def _inject_fault(key):
     fault = os.environ.get("PODI_FAULT", "")
@@ -82,11 +115,20 @@ def _inject_fault(key):
         return
     if kind == "crash":
         os._exit(3)
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
     if kind == "hang":
         while True:
             time.sleep(60)
     if kind == "raise":
         raise RuntimeError("injected fault")
+
+
+def kill_point(name):
+    """Test hook: ``PODI_KILL_AT=<name>`` kills this process (SIGKILL, as the kernel or a
+    power cut would end it) when it reaches ``kill_point(name)``."""
+    if os.environ.get("PODI_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _call(function, key, args, buffers, context):
@@ -139,6 +181,10 @@ class _RecordBuffer(logging.Handler):
         return records
 
 
+#: How often (s) an idle worker checks that its master still exists.
+MASTER_CHECK_SECONDS = 1.0
+
+
 def _worker_loop(connection, buffers, context):
     """A worker process: run each job sent over ``connection``, send back its outcome
     and the log records the job made."""
@@ -148,7 +194,13 @@ def _worker_loop(connection, buffers, context):
     # The objects inherited from the master are never garbage: leaving them out of
     # every collection saves the scans and the copy-on-write of their pages.
     gc.freeze()
+    master = os.getppid()
     while True:
+        # A master killed outright closes no pipe that a forked sibling also holds:
+        # a worker whose parent is gone stops by itself.
+        while not connection.poll(MASTER_CHECK_SECONDS):
+            if os.getppid() != master:
+                return
         try:
             task = connection.recv()
         except EOFError:
@@ -296,16 +348,21 @@ class WorkerPool:
 
     def _collect(self, worker, ledger):
         """Take a worker's outcome if it has one; a worker that died fails its job only."""
+        message = None
         try:
             if worker.connection.poll():
-                *outcome, records = worker.connection.recv()
-                key, worker.key = worker.key, None
-                for record in records:
-                    logging.getLogger(record.name).handle(record)
-                ledger.done(key, *outcome)
-                return
+                message = worker.connection.recv()
         except (EOFError, OSError):
-            pass
+            pass  # a broken pipe: the process died; see below
+        if message is not None:
+            # Outside the try: an error of the caller's on_done (writing the output,
+            # say) is the caller's, not a dead worker.
+            *outcome, records = message
+            key, worker.key = worker.key, None
+            for record in records:
+                logging.getLogger(record.name).handle(record)
+            ledger.done(key, *outcome)
+            return
         if worker.process.is_alive():
             return
         key = worker.key
