@@ -21,7 +21,8 @@ and ``-pupilghost``. ``--persistency`` times the main exposure with ``-persisten
 (its saturation trails masked, its catalog written and indexed). Every run reports wall time and CPU-seconds (user + system of
 all its processes); the floor (``floor.py``: read, overscan, place cells, write)
 is timed in the same run. Also printed: the time of each stage (from one OTA
-reduced in this process) and the peak memory of the whole run.
+reduced in this process) and, for every run, its peak memory: the proportional set
+size of all its processes together.
 """
 
 import argparse
@@ -32,6 +33,7 @@ import re
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -153,22 +155,75 @@ def cpu_seconds():
 QA_LINE = re.compile(r"QA page (\S+): (\d+) plot files, ([\d.]+) s, ([\d.]+) CPU-s")
 
 
+def _children():
+    """Process id -> ids of its children, from /proc."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return children
+
+
+def _pss_kb(pid):
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class PeakMemory(threading.Thread):
+    """Samples, every 50 ms, the proportional set size (PSS: shared pages split between
+    the processes that share them) of a process and all its descendants together;
+    ``peak_mb`` is the largest sum seen."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid, self.peak_mb, self.running = pid, 0.0, True
+
+    def run(self):
+        while self.running:
+            tree, family = _children(), [self.pid]
+            for pid in family:
+                family.extend(tree.get(pid, []))
+            self.peak_mb = max(self.peak_mb, sum(_pss_kb(pid) for pid in family) / 1024)
+            time.sleep(0.05)
+
+    def stop(self):
+        self.running = False
+        self.join()
+        return self.peak_mb
+
+
 def timed_runs(output, command, label, repeat):
-    """Best wall time and CPU-seconds of ``repeat`` runs of ``command`` (lists of str)."""
+    """Best wall time and CPU-seconds of ``repeat`` runs of ``command`` (lists of str);
+    each run also prints its peak memory (:class:`PeakMemory`)."""
     best = (float("inf"), float("inf"))
     for run in range(repeat):
         # Replacing an existing 0.9 GB file costs its deletion, which a night loop
         # writing new names does not pay.
         output.unlink(missing_ok=True)
         start, cpu = time.monotonic(), cpu_seconds()
-        printed = subprocess.run(command, check=True, cwd=HERE.parent, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True).stdout
+        process = subprocess.Popen(command, cwd=HERE.parent, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        memory = PeakMemory(process.pid)
+        memory.start()
+        printed = process.communicate()[0]
+        peak = memory.stop()
+        if process.returncode != 0:
+            raise subprocess.CalledProcessError(process.returncode, command, printed)
         wall, cpu = time.monotonic() - start, cpu_seconds() - cpu
         qa = QA_LINE.search(printed)
         if qa:
             # What the run itself measured from the written frame to the written page.
             label_qa = f"; QA page and {qa[2]} plot files: {float(qa[3]):.2f} s, {float(qa[4]):.2f} CPU-s"
-        print(f"  {label}: run {run + 1}: wall {wall:.2f} s, CPU {cpu:.2f} s{label_qa if qa else ''}")
+        print(f"  {label}: run {run + 1}: wall {wall:.2f} s, CPU {cpu:.2f} s, peak memory (PSS, all "
+              f"processes) {peak:.0f} MB{label_qa if qa else ''}")
         best = min(best, (wall, cpu))
     return best
 
@@ -252,9 +307,8 @@ def main():
                                                      f"-refcat={wide.parent / (wide.name + '.refcat.fits')}"],
                                  args.repeat)
         print(f"ODI 5x6 -photcalib with the QA page: {best[0]:.2f} s, {best[1]:.2f} CPU-s")
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"peak resident memory of the largest process: {children:.0f} MB; shared OTA "
-          f"buffers in /dev/shm: at most {13 * 64} MB, freed as each OTA is written")
+    print(f"shared OTA buffers in /dev/shm: at most {13 * 64} MB (counted in the PSS while "
+          "mapped), freed as each OTA is written")
     print("time per stage, one OTA (33) in one process:")
     stage_profile(exposure, cals, flags + (steps[-1] if steps else []))
 

@@ -9,7 +9,7 @@ a partial or temporary file left behind.
 ``make test`` runs a seeded sample (:data:`DEFAULT_CASES` per kind of input); the full
 run takes the number from the environment:
 
-    PODI_FUZZ_CASES=400 .venv/bin/python -m pytest tests/test_fuzz.py   # 1,200 files
+    PODI_FUZZ_CASES=450 .venv/bin/python -m pytest -q tests/test_fuzz.py   # 1,050 files
 """
 
 import io
