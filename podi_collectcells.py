@@ -54,7 +54,7 @@ from podi_rawdata import RawDataError, find_exposure, read_exposure_header
 from podi_reduceota import load_calibrations
 from podi_settings import run_settings
 from podi_sky import global_sky
-from podi_workers import JobsTimedOut, SharedBuffers, WorkerPool, kill_point
+from podi_workers import JobsTimedOut, SharedBuffers, WorkerPool, kill_point, time_limit
 
 logger = logging.getLogger("podi_collectcells")
 
@@ -371,50 +371,10 @@ def reduce_exposure(options, argv, warnings):
     kill_point("buffers")
     deadline = start + settings.timeout if settings.timeout else None
     try:
-        sink = OrderedSink(stream, otas, buffers)
-        with WorkerPool(buffers, settings.ncpus, context=settings, deadline=deadline,
-                        serial=settings.serial) as pool:
-            jobs = {ota: exposure.ota_files[ota] for ota in otas}
-            if options.get("profile"):
-                profiler = cProfile.Profile()
-                results, failures, keywords = profiler.runcall(reduce_otas, jobs, settings, pool, sink)
-                pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
-            else:
-                results, failures, keywords = reduce_otas(jobs, settings, pool, sink)
-        kill_point("reduced")
-        if not results:
-            raise ReductionError(f"{exposure.base}: every OTA failed; no output written")
-        tables = []
-        if settings.detect_sources:
-            found, tables = podi_framecalib.frame_calibrations(results, refcat, first_header, settings,
-                                                               size)
-            add_keywords(keywords, found)
-        kill_point("calibrated")
-        if settings.nonsidereal is not None:
-            add_keywords(keywords, podi_nonsidereal.follow_target(
-                results, settings.nonsidereal, float(first_header.get("MJD-OBS", 0.0))))
-        if settings.header_rewritten:
-            for ota, offset in sink.offsets.items():
-                stream.patch_header(offset, results[ota].header_text)
-        for table in tables + [association_table(results, settings.corrections)]:
-            stream.add_table(table)
-        kill_point("tables")
-        primary = primary_header(first_header, results, failures, settings, argv)
-        add_keywords(primary, keywords)
-        if settings.makes_qa:
-            page = podi_qapage.frame_page_path(output, settings.qa.subdirs, settings.qa.subdirname)
-            primary["QAPAGE"] = (os.path.relpath(page, output.parent), "QA page of this frame")
-        for key, value in (options.get("addfitskey") or {}).items():
-            if key in primary:
-                logger.warning("-addfitskey=%s replaces the pipeline's %s", key, key)
-            primary[key] = (value, "user-added keyword")
-        kill_point("primary")
-        stream.finish(primary)
-        kill_point("renamed")
-        if settings.reduction.persistency:
-            # Written once the frame is safe: the next exposures mask its persistence.
-            podi_persistency.write_catalog(settings.reduction.persistency, exposure.base, first_header,
-                                           binning, {ota: r.saturated for ota, r in results.items()})
+        with time_limit(deadline - time.monotonic() if deadline else None):
+            primary, results, failures, tables, keywords = write_frame(
+                exposure, otas, first_header, binning, settings, refcat, options, argv, stream, buffers,
+                deadline)
     except JobsTimedOut as error:
         stream.abort()
         raise ReductionError(f"timed out after {settings.timeout:g} s ({error}); no output written") \
@@ -431,6 +391,67 @@ def reduce_exposure(options, argv, warnings):
     kill_point("qa")
     print(summary_line(exposure.base, primary, output, time.monotonic() - start))
     return output
+
+
+def write_frame(exposure, otas, first_header, binning, settings, refcat, options, argv, stream, buffers,
+                deadline):
+    """Reduce the OTAs into ``stream``, run the frame-wide steps, write the tables and
+    the primary header, and give the file its name.
+
+    Returns
+    -------
+    (astropy.io.fits.Header, dict, dict, list, dict)
+        The primary header written, the OTAs' results and failures, the tables and the
+        frame-wide keywords.
+    """
+    output = stream.filename
+    size = cell_geometry(binning).ota_size
+    sink = OrderedSink(stream, otas, buffers)
+    with WorkerPool(buffers, settings.ncpus, context=settings, deadline=deadline,
+                    serial=settings.serial) as pool:
+        jobs = {ota: exposure.ota_files[ota] for ota in otas}
+        if options.get("profile"):
+            profiler = cProfile.Profile()
+            results, failures, keywords = profiler.runcall(reduce_otas, jobs, settings, pool, sink)
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+        else:
+            results, failures, keywords = reduce_otas(jobs, settings, pool, sink)
+    kill_point("reduced")
+    if not results:
+        raise ReductionError(f"{exposure.base}: every OTA failed; no output written")
+    tables = []
+    if settings.detect_sources:
+        import podi_framecalib  # loaded by reduce_exposure already, with sep and scipy
+        found, tables = podi_framecalib.frame_calibrations(results, refcat, first_header, settings,
+                                                           size)
+        add_keywords(keywords, found)
+    kill_point("calibrated")
+    if settings.nonsidereal is not None:
+        add_keywords(keywords, podi_nonsidereal.follow_target(
+            results, settings.nonsidereal, float(first_header.get("MJD-OBS", 0.0))))
+    if settings.header_rewritten:
+        for ota, offset in sink.offsets.items():
+            stream.patch_header(offset, results[ota].header_text)
+    for table in tables + [association_table(results, settings.corrections)]:
+        stream.add_table(table)
+    kill_point("tables")
+    primary = primary_header(first_header, results, failures, settings, argv)
+    add_keywords(primary, keywords)
+    if settings.makes_qa:
+        page = podi_qapage.frame_page_path(output, settings.qa.subdirs, settings.qa.subdirname)
+        primary["QAPAGE"] = (os.path.relpath(page, output.parent), "QA page of this frame")
+    for key, value in (options.get("addfitskey") or {}).items():
+        if key in primary:
+            logger.warning("-addfitskey=%s replaces the pipeline's %s", key, key)
+        primary[key] = (value, "user-added keyword")
+    kill_point("primary")
+    stream.finish(primary)
+    kill_point("renamed")
+    if settings.reduction.persistency:
+        # Written once the frame is safe: the next exposures mask its persistence.
+        podi_persistency.write_catalog(settings.reduction.persistency, exposure.base, first_header,
+                                       binning, {ota: r.saturated for ota, r in results.items()})
+    return primary, results, failures, tables, keywords
 
 
 def frame_corrections(calibrations, first_header, binning):

@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -124,6 +125,30 @@ def _inject_fault(key):
         raise RuntimeError("injected fault")
 
 
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Raise :class:`JobsTimedOut` in this thread when ``seconds`` have passed (SIGALRM).
+
+    The pool's deadline watches its workers; this covers what runs in the calling
+    process: the serial path (``serial=True``) and the caller's own steps. Only the
+    main thread receives signals: elsewhere, and for ``seconds`` None, it does nothing.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise JobsTimedOut(f"{seconds:.0f} s passed")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def kill_point(name):
     """Test hook: ``PODI_KILL_AT=<name>`` kills this process (SIGKILL, as the kernel or a
     power cut would end it) when it reaches ``kill_point(name)``."""
@@ -140,6 +165,8 @@ def _call(function, key, args, buffers, context):
         payload = function(key, image, context, *args)
         del image
         return "ok", payload, time.monotonic() - start
+    except JobsTimedOut:
+        raise  # the run's time is up (serial path): that stops every job
     except Exception as error:  # one job's failure must not stop the others
         message = " ".join(str(error).split()) or type(error).__name__
         return "error", f"{type(error).__name__}: {message}", time.monotonic() - start

@@ -11,7 +11,7 @@ from astropy.io import fits
 from podi_makecalibrations import master_extension
 from podi_rawdata import find_exposure
 from podi_workers import SharedBuffers
-from conftest import run_collectcells
+from conftest import refcat_of, run_collectcells
 
 
 @pytest.fixture
@@ -132,6 +132,30 @@ def test_timeout_kills_workers_and_writes_nothing(object_exposure, true_cals, tm
     monkeypatch.setenv("PODI_FAULT", "hang:22")
     output = tmp_path / "out" / "out.fits"
     assert run_collectcells(object_exposure, output, f"-cals={true_cals}", "-timeout=3") == 1
+    _one_line_error(capsys, "timed out after 3 s")
+    _no_files_left(tmp_path)
+
+
+def test_timeout_in_one_process_stops_a_hung_ota(object_exposure, true_cals, tmp_path, monkeypatch, capsys):
+    """-ncpus=1 and -profile run the OTAs in this process: the clock stops them too."""
+    monkeypatch.setenv("PODI_FAULT", "hang:33")
+    output = tmp_path / "out" / "out.fits"
+    assert run_collectcells(object_exposure, output, f"-cals={true_cals}", "-timeout=2", "-ncpus=1") == 1
+    _one_line_error(capsys, "timed out after 2 s")
+    _no_files_left(tmp_path)
+
+
+def test_timeout_during_the_frame_wide_steps(object_exposure, true_cals, tmp_path, monkeypatch, capsys):
+    import podi_framecalib
+
+    def hang(*args, **kwargs):
+        import time
+        time.sleep(60)
+
+    monkeypatch.setattr(podi_framecalib, "frame_calibrations", hang)
+    output = tmp_path / "out" / "out.fits"
+    assert run_collectcells(object_exposure, output, f"-cals={true_cals}", "-fixwcs", "-timeout=3",
+                            f"-refcat={refcat_of(object_exposure)}", "-ncpus=2") == 1
     _one_line_error(capsys, "timed out after 3 s")
     _no_files_left(tmp_path)
 
