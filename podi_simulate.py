@@ -1115,8 +1115,7 @@ def simulate_ota(spec, ota, stars, wcs_header, path, primary_cards):
     # The ADC's last code: what rounds to 65535 before crosstalk mixes the cells.
     saturated = cells[:, :, :geometry.science_rows, :geometry.science_cols] >= SATURATION_ADU - 0.5
     if spec.effects.crosstalk:
-        forward = _crosstalk_forward(spec)
-        cells = podi_crosstalk.apply_crosstalk(cells, forward)
+        cells = mix_crosstalk(cells, _crosstalk_forward(spec))
     np.rint(cells, out=cells)
     np.clip(cells, 0, SATURATION_ADU, out=cells)
     raw = cells.astype(np.uint16)
@@ -1143,6 +1142,24 @@ def _saturated_pixels(saturated, ota, binning):
         ys.append(y1 + rows)
     x, y = np.concatenate(xs), np.concatenate(ys)
     return Table({"ota": np.full(x.size, ota), "x": x, "y": y})
+
+
+def mix_crosstalk(cells, forward):
+    """The readout's crosstalk: every target cell of a cell row receives each source
+    cell of that row times ``forward[row, source, target]``.
+
+    Written out here with einsum, not with :func:`podi_crosstalk.apply_crosstalk` that
+    the pipeline unmixes with: a wrong axis there cannot then pass the tests.
+
+    Parameters
+    ----------
+    cells : numpy.ndarray
+        ``[cy, cx, rows, cols]`` float32 raw cells (ADU): cell row ``cy``, cell ``cx``.
+    forward : numpy.ndarray
+        ``[row, source, target]`` (8, 8, 8).
+    """
+    mixed = np.einsum("rsyx,rst->rtyx", cells.astype(np.float64), forward)
+    return mixed.astype(np.float32)
 
 
 def _crosstalk_forward(spec):
