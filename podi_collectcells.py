@@ -418,7 +418,8 @@ def write_frame(exposure, otas, first_header, binning, settings, refcat, options
             results, failures, keywords = reduce_otas(jobs, settings, pool, sink)
     kill_point("reduced")
     if not results:
-        raise ReductionError(f"{exposure.base}: every OTA failed; no output written")
+        ota, why = min(failures.items())
+        raise ReductionError(f"{exposure.base}: every OTA failed (OTA {ota:02d}: {why}); no output written")
     tables = []
     if settings.detect_sources:
         import podi_framecalib  # loaded by reduce_exposure already, with sep and scipy

@@ -15,6 +15,7 @@ run takes the number from the environment:
 import io
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -39,6 +40,13 @@ CELL_GARBAGE = {"BZERO": [None, 0, "abc", 1e5], "BSCALE": [0.0, 2.0, "x"],
 
 # --- Running one case ---------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _remove_case_files(tmp_path):
+    """Each case's copies and output go when it ends: a full run would keep 80 GB."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 def run_case(args, output, capsys):
     """Run podi_collectcells in this process; check the outcome's invariants.
 
@@ -51,7 +59,7 @@ def run_case(args, output, capsys):
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err + captured.out
     assert status in (0, 1)
-    leftovers = [p.name for p in output.parent.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+    leftovers = [p.name for p in output.parent.glob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
     assert leftovers == [], leftovers
     if status == 1:
         errors = [line for line in captured.err.splitlines() if line.startswith("podi_collectcells: error:")]
