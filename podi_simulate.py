@@ -101,7 +101,7 @@ import podi_nonlinearity
 import podi_pupilghost
 import podi_wcs
 from podi_calibfiles import master_name, pupilghost_template_name
-from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, cell_extname,
+from podi_definitions import (N_CELLS, PIXEL_SCALE, SATURATION_ADU, all_cells, broken_cells, cell_extname,
                               cell_geometry, cell_origin, cell_to_ota, filter_level,
                               fppos_for_ota, layout_by_name, ota_origin_in_focal_plane,
                               otas_to_normalize_flat)
@@ -225,6 +225,10 @@ class ExposureSpec:
     field_centre: tuple = None  # (ra, dec) the stars are drawn around; None: the true pointing
     pointing_error: tuple = (0.0, 0.0)   # header minus true, arcsec (dRA cos(dec), dDec)
     rotator_error: float = 0.0  # true WCS rotated by this angle (degrees)
+    # The true WCS departs from the canned model by what the reduction is not told:
+    ota_offsets: float = 0.0    # rms (arcsec) of each OTA's own shift; its rotation moves its edge a fifth of that
+    scale_error: float = 0.0    # fractional plate-scale change
+    cubic_distortion: float = 0.0  # radial term k r^3 (deg, r in deg) added to the distortion
     star_density: float = 4000.0  # stars per square degree brighter than mag 22
     fwhm: float = 1.0           # arcsec
     moffat_beta: float = 3.5
@@ -1348,7 +1352,10 @@ def dithered(spec, arcsec):
 
 
 def true_ota_wcs(spec, ota):
-    """Header of the true WCS of an OTA (model distortion, true pointing, rotation)."""
+    """Header of the true WCS of an OTA: the model's distortion at the true pointing,
+    rotated by the rotator error and departing from the canned model by the spec's
+    ``ota_offsets`` (a seeded shift and rotation per OTA), ``scale_error`` and
+    ``cubic_distortion`` (TPV terms x r^2 and y r^2)."""
     canned = podi_wcs.model_canned_wcs(layout_by_name(spec.layout))
     header = podi_wcs.ota_wcs_header(_canned_extension(canned, ota), spec.ra, spec.dec, spec.binning)
     if not spec.effects.distortion:
@@ -1356,11 +1363,26 @@ def true_ota_wcs(spec, ota):
             del header[key]
         header["PV1_1"] = 1.0
         header["PV2_1"] = 1.0
-    if spec.rotator_error:
-        angle = math.radians(spec.rotator_error)
-        rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    angle = math.radians(spec.rotator_error)
+    scale = 1.0 + spec.scale_error
+    if spec.ota_offsets:
+        rng = np.random.default_rng([spec.seed, 9, ota])
+        pixel = PIXEL_SCALE * spec.binning
+        shift = rng.normal(0.0, spec.ota_offsets / pixel, 2)
+        header["CRPIX1"] += shift[0]
+        header["CRPIX2"] += shift[1]
+        # A rotation that moves the OTA's edge (half a side from its centre) by a fifth of
+        # ota_offsets (rms): a few hundredths of a degree, as OTAs sit in a real camera.
+        half_side = 0.5 * cell_geometry(spec.binning).ota_size * pixel
+        angle += rng.normal(0.0, spec.ota_offsets / 5 / half_side)
+    if angle or scale != 1.0:
+        rotation = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
         cd = np.array([[header["CD1_1"], header["CD1_2"]], [header["CD2_1"], header["CD2_2"]]])
         (header["CD1_1"], header["CD1_2"]), (header["CD2_1"], header["CD2_2"]) = rotation @ cd
+    if spec.cubic_distortion:
+        # TPV: PV1_7 x^3, PV1_9 x y^2 (xi); PV2_7 y^3, PV2_9 y x^2 (eta): together k r^2 (x, y).
+        for key in ("PV1_7", "PV1_9", "PV2_7", "PV2_9"):
+            header[key] = header.get(key, 0.0) + spec.cubic_distortion
     return header
 
 
@@ -1508,6 +1530,9 @@ def write_truth(filename, spec, otas, stars, results, wcs_headers, header_pointi
     h["HDR_RA"] = (header_pointing[0], "pointing the header RA string encodes (deg)")
     h["HDR_DEC"] = (header_pointing[1], "pointing the header DEC string encodes (deg)")
     h["ROTERR"] = (spec.rotator_error, "rotator error (deg)")
+    h["OTAOFFS"] = (spec.ota_offsets, "rms of the OTAs' own shifts (arcsec)")
+    h["SCALEERR"] = (spec.scale_error, "fractional plate-scale error of the model")
+    h["CUBICDST"] = (spec.cubic_distortion, "radial k r^3 added to the model distortion")
     h["FWHM"] = (spec.fwhm, "Moffat FWHM (arcsec)")
     h["MOFFBETA"] = (spec.moffat_beta, "Moffat beta")
     for key, value in dataclasses.asdict(spec.effects).items():

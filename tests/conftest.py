@@ -154,15 +154,22 @@ def true_star_offsets(exposure, hdus, otas):
     return np.concatenate(offsets)
 
 
+#: The star fields' true WCS departs from the canned model the reduction starts from,
+#: by what it is not told: each OTA shifted and rotated (1.5" rms), the plate scale
+#: (2e-4) and a radial cubic term (0.35" at the fields' corners).
+STAR_FIELD_DEPARTURE = {"ota_offsets": 1.5, "scale_error": 2e-4, "cubic_distortion": 0.02}
+
+
 @pytest.fixture(scope="session")
 def star_fields(tmp_path_factory):
-    """Three simulated fields with pointing and rotator errors, and their perfect masters."""
+    """Three simulated fields with pointing and rotator errors and a true WCS that departs
+    from the canned model (:data:`STAR_FIELD_DEPARTURE`), and their perfect masters."""
     from podi_simulate import write_true_calibrations
     root = tmp_path_factory.mktemp("starfields")
     fields = []
     for i, (error, rotation) in enumerate(STAR_FIELD_ERRORS):
         spec = small_spec(otas=STAR_FIELD_OTAS, seed=40 + i, ra=150.0 + 3 * i, dec=30.0 + 10 * i,
-                          pointing_error=error, rotator_error=rotation)
+                          pointing_error=error, rotator_error=rotation, **STAR_FIELD_DEPARTURE)
         fields.append(simulate_exposure(spec, root / f"field{i}", ncpus=2))
     write_true_calibrations(small_spec(otas=STAR_FIELD_OTAS), root / "cals")
     return fields, root / "cals"
