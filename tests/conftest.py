@@ -71,13 +71,12 @@ def calibration_exposures(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def masters(calibration_exposures, tmp_path_factory):
-    """Master bias, dark and flat made by podi_makecalibrations from the exposures."""
-    from podi_makecalibrations import make_calibrations
-    from podi_reduceota import ReductionSettings
+    """Master bias, dark and flat made by the podi_makecalibrations command from the exposures."""
+    from podi_makecalibrations import main
     outdir = tmp_path_factory.mktemp("cals")
-    inputs = [p for paths in calibration_exposures.values() for p in paths]
-    written = make_calibrations(inputs, outdir, ReductionSettings(crosstalk="default"), ncpus=2)
-    return {path.name: path for path in written}
+    inputs = [str(p) for paths in calibration_exposures.values() for p in paths]
+    assert main(inputs + [str(outdir), "-ncpus=2"]) == 0
+    return {path.name: path for path in sorted(outdir.glob("*.fits"))}
 
 
 @pytest.fixture(scope="session")

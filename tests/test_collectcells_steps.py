@@ -84,6 +84,13 @@ def test_nonlinearity_corrected_fluxes_are_linear(tmp_path):
     ratio = corrected[bright] / reference[bright]
     assert np.abs(ratio - 1).max() < 0.002
     assert np.abs(uncorrected[bright] / reference[bright] - 1).max() > 0.01
+    # With -gain the table's relative gains (times the OTA's mean header gain) turn the
+    # corrected counts into the electrons of the linear detector's header gains.
+    reference_e = _reduce(linear, tmp_path / "linear_e.fits", "-gain")
+    corrected_e = _reduce(nonlinear, tmp_path / "corrected_e.fits", f"-nonlinearity={table}", "-gain")
+    assert fits.getval(tmp_path / "corrected_e.fits", "GAINMTHD", 1) == "relative"
+    ratio_e = corrected_e[bright] / reference_e[bright]
+    assert np.abs(np.median(ratio_e) - 1) < 0.003 and np.abs(ratio_e - 1).max() < 0.01
 
 
 def test_gain_gives_electrons(object_exposure, tmp_path):

@@ -202,3 +202,33 @@ def test_electron_frames_write_catalogs_without_unit_warnings(star_fields, tmp_p
     assert fits.getheader(output)["BUNIT"] == "electron"
     catalog = Table.read(output, hdu="CAT.ODI")
     assert catalog["FLUX"].unit is None and catalog["MAG_D30"].unit == "mag"
+
+
+def test_colour_terms_shift_each_star_by_its_colour(tmp_path):
+    """-colourterms on an odi_g frame: each calibration star's reference magnitude becomes
+    g - 0.16 (g - r), so its zero point moves by -0.16 (g - r) of its catalog colour
+    (found here by position in the simulator's catalog), and the frame's with them."""
+    from podi_simulate import write_true_calibrations
+    spec = small_spec(otas=(33,), seed=61, filter="odi_g")
+    exposure = simulate_exposure(spec, tmp_path / "raw", ncpus=2)
+    write_true_calibrations(spec, tmp_path / "cals")
+    runs = {}
+    for name, flags in (("plain", ()), ("colour", ("-colourterms",))):
+        output = tmp_path / f"{name}.fits"
+        assert run_collectcells(exposure, output, f"-cals={tmp_path / 'cals'}", "-photcalib", "-noqaplots",
+                                f"-refcat={refcat_of(exposure)}", *flags) == 0
+        with fits.open(output) as hdus:
+            runs[name] = (hdus[0].header, Table(hdus["CAT.PHOTCALIB"].data))
+    (plain, plain_stars), (colour, colour_stars) = runs["plain"], runs["colour"]
+    assert (colour["MAGZ_CT"], colour["MAGZ_COL"]) == (0.16, "g-r")
+    assert (plain["MAGZ_CT"], plain["MAGZ_COL"]) == (0.0, "none")
+    catalog = Table.read(refcat_of(exposure))
+    tree = cKDTree(np.column_stack([catalog["ra"], catalog["dec"]]))
+    _, nearest = tree.query(np.column_stack([colour_stars["ODI_RA"], colour_stars["ODI_DEC"]]))
+    g_r = np.asarray(catalog["g"] - catalog["r"])[nearest]
+    np.testing.assert_allclose(np.asarray(colour_stars["ZP"]) - np.asarray(plain_stars["ZP"]), -0.16 * g_r,
+                               atol=1e-4)
+    # The frame's zero point moves with its stars (to 0.02 mag: the colours widen the
+    # scatter, so the clipping keeps a few other stars).
+    used = np.asarray(colour_stars["ZP_USED"], bool)
+    assert colour["PHOTZP"] - plain["PHOTZP"] == pytest.approx(np.median(-0.16 * g_r[used]), abs=0.02)
