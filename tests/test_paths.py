@@ -80,3 +80,25 @@ def test_associations_name_every_input(object_exposure, true_cals, reduced_objec
     assert all(path.startswith("/") for _, path in rows)
     assert [name.strip() for name in table["filename"]] == [path.split("/")[-1] for path in
                                                             (p.strip() for p in table["filename_full"])]
+
+
+def test_shipped_bad_pixel_regions_mask_the_cameras_defects(object_exposure, true_cals, reduced_object,
+                                                             tmp_path):
+    """-bpm=auto with the package's bpm/ files: the simulated camera's hot pixels and bad
+    columns (its truth, not the region files) are undefined in the output."""
+    from podi_definitions import PODI
+    from podi_simulate import Instrument
+    output = tmp_path / "bpm.fits"
+    assert run_collectcells(object_exposure, output, f"-cals={true_cals}", "-bpm=auto") == 0
+    camera = Instrument(PODI)
+    masked, plain = images(output), images(reduced_object)
+    with fits.open(output) as hdus:
+        for name in OTAS:
+            ota = int(name[3:5])
+            new = np.isnan(masked[name]) & ~np.isnan(plain[name])
+            assert hdus[name].header["BPMPIX"] >= new.sum() > 0
+            x, y, rate = camera.hot_pixels(ota)
+            hot = rate > 1.0  # e-/s: 300 e- or more in the darks the regions were made from
+            assert np.isnan(masked[name][y[hot] // 2, x[hot] // 2]).mean() > 0.95
+            for column, y0, y1 in zip(*camera.bad_columns(ota)):
+                assert np.isnan(masked[name][y0 // 2:y1 // 2, column // 2]).mean() > 0.95
