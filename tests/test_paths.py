@@ -102,3 +102,20 @@ def test_shipped_bad_pixel_regions_mask_the_cameras_defects(object_exposure, tru
             assert np.isnan(masked[name][y[hot] // 2, x[hot] // 2]).mean() > 0.95
             for column, y0, y1 in zip(*camera.bad_columns(ota)):
                 assert np.isnan(masked[name][y0 // 2:y1 // 2, column // 2]).mean() > 0.95
+
+
+def test_centralonly_leaves_out_the_outer_otas(object_exposure, true_cals, tmp_path):
+    """An exposure with an outer OTA (16, a copy of OTA 22's file saying so, for which the
+    masters have no extension): attempted without -centralonly (and failed), not with it."""
+    import shutil
+    folder = tmp_path / object_exposure.name
+    shutil.copytree(object_exposure, folder)
+    outer = folder / f"{object_exposure.name}.16.fits"
+    shutil.copy(find_exposure(folder).ota_files[22], outer)
+    fits.setval(outer, "FPPOS", value="xy16")
+    for flags, failed in (((), "16"), (("-centralonly",), None)):
+        output = tmp_path / f"out{len(flags)}.fits"
+        assert run_collectcells(folder, output, f"-cals={true_cals}", *flags) == 0
+        with fits.open(output) as hdus:
+            assert {hdu.name for hdu in hdus if hdu.name.endswith(".SCI")} == set(OTAS)
+            assert hdus[0].header.get("FAILOTAS") == failed
