@@ -30,7 +30,7 @@ CASES = int(os.environ.get("PODI_FUZZ_CASES", DEFAULT_CASES))
 #: The OTA whose file is broken; the exposure's others stay intact.
 BROKEN_OTA = 34
 #: Header keywords of the raw primary that the program relies on, and garbage for them.
-PRIMARY_GARBAGE = {"EXPTIME": ["abc", -5.0, 0.0, float("nan"), True], "MJD-OBS": ["abc", -1.0, 1e9],
+PRIMARY_GARBAGE = {"EXPTIME": ["abc", -5.0, 0.0, "NaN", True], "MJD-OBS": ["abc", -1.0, 1e9],
                    "FILTER": ["", 42], "RA": ["xx:yy", "25:00:00", 400.0], "DEC": ["+95:00:00", "abc"],
                    "FPPOS": ["xy3", "ab33", 33], "CCDSUM": ["a b", "3 3", "0 0"], "CCDBIN1": ["x", 7],
                    "OBSTYPE": [5], "ROTSTART": ["north"], "CELLMODE": [3.5]}
