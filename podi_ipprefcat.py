@@ -29,6 +29,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table, vstack
 
+from podi_mef import open_fits
 from podi_sphere import search_box, select_circle, unit_vectors
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def _read_table(path):
         if path.name.lower().endswith((".csv", ".csv.gz")):
             table = Table.read(path, format="ascii.csv")
         else:
-            with fits.open(path) as hdul:
+            with open_fits(path) as hdul:
                 # The first table extension, whatever follows (kd-tree files carry more).
                 tables = (h for h in hdul[1:] if isinstance(h, (fits.BinTableHDU, fits.TableHDU)))
                 hdu = next(tables, None)

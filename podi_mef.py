@@ -285,6 +285,45 @@ def _primary_bytes(header, size):
     return buffer.getvalue()
 
 
+#: More extensions than a file of this program holds (64 cells, or 30 OTAs and tables):
+#: a garbled header can make astropy find the same extensions again and again.
+MAX_HDUS = 100
+
+
+def open_fits(filename, max_hdus=MAX_HDUS, **options):
+    """Open a FITS file and read every header, refusing a corrupt structure.
+
+    astropy follows the sizes a header declares: a flipped byte that makes one of
+    them negative sends it back over the same extensions, forever and with growing
+    memory. Here every ``NAXISn`` must be a non-negative integer and the file may
+    hold at most ``max_hdus`` HDUs.
+
+    Returns
+    -------
+    astropy.io.fits.HDUList
+        Open, with ``options`` (e.g. ``memmap=True``) as ``fits.open`` takes them.
+
+    Raises
+    ------
+    ValueError
+        Naming the HDU and the keyword that make the file unreadable.
+    """
+    hdulist = fits.open(filename, lazy_load_hdus=True, **options)
+    try:
+        for index, hdu in enumerate(hdulist):
+            if index >= max_hdus:
+                raise ValueError(f"more than {max_hdus} extensions: a corrupt header")
+            header = hdu.header
+            for axis in range(1, int(header.get("NAXIS", 0)) + 1):
+                value = header.get(f"NAXIS{axis}")
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"HDU {index}: NAXIS{axis} = {value!r} is not a size")
+    except Exception:
+        hdulist.close()
+        raise
+    return hdulist
+
+
 @functools.lru_cache(maxsize=8)
 def _open_calibration(filename, mtime_ns, size):
     """An open calibration file (memory-mapped) and its OTA -> extension index.
@@ -293,7 +332,7 @@ def _open_calibration(filename, mtime_ns, size):
     the headers of each master once. The file's time and size are part of the key,
     so a master rewritten in place is opened anew.
     """
-    hdulist = fits.open(filename, memmap=True)
+    hdulist = open_fits(filename, memmap=True)
     by_ota = {}
     for index in range(len(hdulist)):
         for ota in _ota_of(hdulist[index].header):

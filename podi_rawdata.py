@@ -23,6 +23,7 @@ from astropy.io import fits
 
 from podi_definitions import (N_CELLS, all_cells, binning_from_header, cell_geometry,
                               ota_from_fppos)
+from podi_mef import open_fits
 from podi_wcs import parse_pointing
 
 _OTA_FILE = re.compile(r"^(?P<base>.+)\.(?P<ota>\d\d)\.fits(\.fz)?$")
@@ -270,8 +271,7 @@ class RawOTA:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._hdul = fits.open(self.filename, memmap=True, lazy_load_hdus=False,
-                                       do_not_scale_image_data=True)
+                self._hdul = open_fits(self.filename, memmap=True, do_not_scale_image_data=True)
         except Exception as error:
             raise RawDataError(self.filename, f"not a readable FITS file ({_one_line(error)})") from None
         try:

@@ -190,3 +190,16 @@ def test_reference_catalog_with_text_coordinates_stops_with_one_line(object_expo
     message = one_line_error(capsys)
     assert "text.fits" in message and "column ra holds" in message and "not numbers" in message
     assert not (tmp_path / "out.fits").exists()
+
+
+def test_master_header_with_a_negative_size_stops_quickly(object_exposure, cals_copy, tmp_path, capsys):
+    """A flipped byte made NAXIS2 negative: astropy would loop over the same extensions
+    with growing memory; the run stops at once with one line naming the file."""
+    path = next(cals_copy.glob("bias*.fits"))
+    data = bytearray(path.read_bytes())
+    card = data.index(b"NAXIS2  =", data.index(b"XTENSION"))
+    data[card:card + 80] = fits.Card("NAXIS2", -48).image.encode()
+    path.write_bytes(bytes(data))
+    assert run_collectcells(object_exposure, tmp_path / "out.fits", f"-cals={cals_copy}") == 1
+    message = one_line_error(capsys)
+    assert path.name in message and "NAXIS2 = -48 is not a size" in message
