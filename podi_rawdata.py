@@ -24,7 +24,7 @@ from astropy.io import fits
 from podi_definitions import (N_CELLS, all_cells, binning_from_header, cell_geometry,
                               ota_from_fppos)
 from podi_mef import open_fits
-from podi_wcs import parse_pointing
+from podi_wcs import parse_angle
 
 _OTA_FILE = re.compile(r"^(?P<base>.+)\.(?P<ota>\d\d)\.fits(\.fz)?$")
 
@@ -161,7 +161,7 @@ def _check_binning(header, key):
 
 def _check_pointing(header, key):
     try:
-        parse_pointing(header)
+        parse_angle(key, header[key])
     except ValueError as error:
         return str(error)
     return None

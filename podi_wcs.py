@@ -52,7 +52,9 @@ _N_MODEL_PV = 11  # PVi_0 .. PVi_10: every TPV term up to third order
 _POINTING_KEYS = {"RA": (15.0, 24, "'HH:MM:SS.sss'"), "DEC": (1.0, 90, "'+DD:MM:SS.ss'")}
 
 
-def _parse_angle(key, value):
+def parse_angle(key, value):
+    """``RA`` (hours, sexagesimal) or ``DEC`` (degrees) of a raw header in degrees; a number
+    is taken as degrees. Raises ValueError naming the keyword."""
     # Header values are numbers (degrees) or sexagesimal strings (hours for RA).
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -91,7 +93,7 @@ def parse_pointing(header):
     for key in _POINTING_KEYS:
         if header.get(key) is None:
             raise ValueError(f"raw header has no {key} keyword (telescope pointing)")
-        values.append(_parse_angle(key, header[key]))
+        values.append(parse_angle(key, header[key]))
     ra, dec = values
     if not -90 <= dec <= 90:
         raise ValueError(f"DEC = {header['DEC']!r} is out of range")

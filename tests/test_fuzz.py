@@ -25,7 +25,7 @@ from astropy.table import Table
 from conftest import refcat_of, run_collectcells
 
 #: Broken inputs per kind (raw OTA file, master, reference catalog) in ``make test``.
-DEFAULT_CASES = 30
+DEFAULT_CASES = 20
 CASES = int(os.environ.get("PODI_FUZZ_CASES", DEFAULT_CASES))
 #: The OTA whose file is broken; the exposure's others stay intact.
 BROKEN_OTA = 34
