@@ -384,6 +384,11 @@ def reduce_exposure(options, argv, warnings):
         raise
     finally:
         buffers.remove()
+    if settings.reduction.persistency:
+        # Written once the frame is safe (and outside its time limit): the next
+        # exposures mask its persistence.
+        podi_persistency.write_catalog(settings.reduction.persistency, exposure.base, first_header,
+                                       binning, {ota: r.saturated for ota, r in results.items()})
     seconds = time.monotonic() - start
     if settings.makes_qa:
         quick_look(lambda: podi_framecalib.qa_data(results, failures, tables, keywords, first_header, binning),
@@ -448,10 +453,6 @@ def write_frame(exposure, otas, first_header, binning, settings, refcat, options
     kill_point("primary")
     stream.finish(primary)
     kill_point("renamed")
-    if settings.reduction.persistency:
-        # Written once the frame is safe: the next exposures mask its persistence.
-        podi_persistency.write_catalog(settings.reduction.persistency, exposure.base, first_header,
-                                       binning, {ota: r.saturated for ota, r in results.items()})
     return primary, results, failures, tables, keywords
 
 
