@@ -430,6 +430,23 @@ def check_calibration_binning(filename, size):
 
 # --- Header cards ----------------------------------------------------------------------
 
+def valid_cards(header, leave_out=()):
+    """A copy of a header without the cards astropy cannot parse (a garbled byte) and
+    without the keywords in ``leave_out``; returns it and the keywords dropped as
+    unparsable."""
+    kept, dropped = fits.Header(), []
+    for card in header.cards:
+        if card.keyword in leave_out:
+            continue
+        try:
+            card.verify("exception")
+        except Exception:  # noqa: BLE001 - astropy raises several types for a bad card
+            dropped.append(card.keyword)
+            continue
+        kept.append(card)
+    return kept, dropped
+
+
 #: Longest string value of a header card, and room for value + comment on one card
 #: (80 minus "KEYWORD = ", the quotes and " / ").
 FITS_TEXT = 68

@@ -23,7 +23,7 @@ from astropy.io import fits
 
 from podi_definitions import (N_CELLS, all_cells, binning_from_header, cell_geometry,
                               ota_from_fppos)
-from podi_mef import open_fits
+from podi_mef import open_fits, valid_cards
 from podi_wcs import parse_angle
 
 _OTA_FILE = re.compile(r"^(?P<base>.+)\.(?P<ota>\d\d)\.fits(\.fz)?$")
@@ -206,11 +206,15 @@ def check_primary_header(filename, header):
         Naming the file, the first bad keyword and its value.
     """
     for key, required, check in PRIMARY_CHECKS:
-        if key not in header or header[key] is None:
+        try:
+            present = key in header and header[key] is not None
+            problem = check(header) if present else None
+        except Exception as error:  # noqa: BLE001 - a garbled card: astropy raises VerifyError
+            raise RawDataError(filename, f"{key}: unreadable header card ({_one_line(error)})") from None
+        if not present:
             if required:
                 raise RawDataError(filename, f"primary header has no {key} keyword")
             continue
-        problem = check(header)
         if problem:
             raise RawDataError(filename, f"{key} = {header[key]!r}: {problem}")
 
@@ -229,6 +233,15 @@ def check_cell_header(filename, extname, header):
     RawDataError
         Naming the file, the cell, the keyword and its value.
     """
+    try:
+        _check_cell_cards(filename, extname, header)
+    except RawDataError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a garbled card: astropy raises VerifyError
+        raise RawDataError(filename, f"cell {extname}: unreadable header card ({_one_line(error)})") from None
+
+
+def _check_cell_cards(filename, extname, header):
     # A compressed cell's header shows the image's BITPIX; its ZBITPIX is the storage.
     bitpix = header.get("BITPIX")
     if bitpix not in RAW_BITPIX:
@@ -396,7 +409,8 @@ def read_exposure_header(filename):
     """
     try:
         with fits.open(filename, lazy_load_hdus=True) as hdulist:
-            header = hdulist[0].header.copy()
+            # The exposure's keywords come from this header: a garbled card is left out.
+            header, _ = valid_cards(hdulist[0].header)
             binned = header if "CCDBIN1" in header or "CCDSUM" in header else hdulist[1].header.copy()
     except Exception as error:
         raise RawDataError(Path(filename), f"not a readable FITS file ({_one_line(error)})") from None

@@ -25,7 +25,7 @@ import podi_nonlinearity
 import podi_persistency
 from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, cell_geometry, cell_is_science,
                               cell_to_ota, layout_for_mjd, ota_extname)
-from podi_mef import CalibrationError, header_number, open_calibration, read_ota_image
+from podi_mef import CalibrationError, header_number, open_calibration, read_ota_image, valid_cards
 from podi_overscan import subtract_overscan
 from podi_rawdata import RawDataError, exposure_base_from_file, open_raw_ota
 
@@ -449,14 +449,9 @@ def _output_header(raw, gains):
     """The OTA's output header: the raw primary's cards (but structure and comments),
     the OTA and every cell's gain. A raw card that is not valid FITS (a garbled
     byte) is left out with a HISTORY note rather than failing the OTA when written."""
-    header = fits.Header()
-    for card in raw.header.cards:
-        if card.keyword not in _STRUCTURE_CARDS and card.keyword not in ("", "COMMENT"):
-            try:
-                card.verify("exception")
-                header.append(card)
-            except Exception:  # noqa: BLE001 - astropy raises several types for a bad card
-                header.add_history(f"raw card {card.keyword[:20]!r} left out: not valid FITS")
+    header, dropped = valid_cards(raw.header, leave_out=set(_STRUCTURE_CARDS) | {"", "COMMENT"})
+    for keyword in dropped:
+        header.add_history(f"raw card {keyword[:20]!r} left out: not valid FITS")
     header["EXTNAME"] = ota_extname(raw.ota)
     header["OTA"] = (raw.ota, "OTA position")
     for cx, cy in all_cells():
