@@ -103,7 +103,8 @@ class SharedBuffers:
         for folder in Path(root).glob(f"{cls.PREFIX}*_*"):
             pid = folder.name[len(cls.PREFIX):].split("_")[0]
             if pid.isdigit() and not process_exists(int(pid)):
-                for path in folder.glob("*"):
+                # Only buffer files: a folder that holds anything else is not ours.
+                for path in folder.glob("*.f32"):
                     path.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     folder.rmdir()
