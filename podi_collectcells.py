@@ -365,6 +365,9 @@ def reduce_exposure(options, argv, warnings):
     stream = StreamedMEF(output)
     try:
         buffers = SharedBuffers(otas, (size, size))
+    except OSError as error:
+        stream.abort()
+        raise ReductionError(error.strerror or str(error)) from None
     except BaseException:
         stream.abort()
         raise

@@ -8,8 +8,8 @@ a partial file behind.
 
 import contextlib
 import errno
-import functools
 import io
+import mmap
 import os
 import re
 from pathlib import Path
@@ -324,30 +324,56 @@ def open_fits(filename, max_hdus=MAX_HDUS, **options):
     return hdulist
 
 
-@functools.lru_cache(maxsize=8)
-def _open_calibration(filename, mtime_ns, size):
-    """An open calibration file (memory-mapped) and its OTA -> extension index.
-
-    Kept open for the life of the process: a worker reducing several OTAs parses
-    the headers of each master once. The file's time and size are part of the key,
-    so a master rewritten in place is opened anew.
-    """
-    hdulist = open_fits(filename, memmap=True)
-    by_ota = {}
-    for index in range(len(hdulist)):
-        for ota in _ota_of(hdulist[index].header):
-            by_ota.setdefault(ota, index)
-    return hdulist, by_ota
+#: Calibration files a process keeps open: filename -> (mtime_ns, size, HDUList, index).
+#: Insertion order is use order; past :data:`MAX_OPEN_CALIBRATIONS` the oldest is closed.
+_OPEN_CALIBRATIONS = {}
+MAX_OPEN_CALIBRATIONS = 8
 
 
 def open_calibration(filename):
-    """The open calibration file and its OTA -> extension index (see :func:`_open_calibration`).
+    """An open calibration file (memory-mapped) and its OTA -> extension index.
 
-    A master process that opens its calibrations before it forks its workers
-    hands them over parsed.
+    Kept open for the life of the process: a worker reducing several OTAs parses
+    the headers of each master once, and a master process that opens its
+    calibrations before it forks its workers hands them over parsed. A file whose
+    modification time or size changed (a master rewritten during the night) is
+    opened anew and its old mapping closed, so no deleted master stays mapped.
+
+    Returns
+    -------
+    (astropy.io.fits.HDUList, dict)
     """
+    filename = str(filename)
     stat = os.stat(filename)
-    return _open_calibration(str(filename), stat.st_mtime_ns, stat.st_size)
+    entry = _OPEN_CALIBRATIONS.pop(filename, None)
+    if entry is not None and entry[:2] != (stat.st_mtime_ns, stat.st_size):
+        entry[2].close()
+        entry = None
+    if entry is None:
+        hdulist = open_fits(filename, memmap=True)
+        by_ota = {}
+        for index in range(len(hdulist)):
+            for ota in _ota_of(hdulist[index].header):
+                by_ota.setdefault(ota, index)
+        entry = (stat.st_mtime_ns, stat.st_size, hdulist, by_ota)
+    _OPEN_CALIBRATIONS[filename] = entry
+    while len(_OPEN_CALIBRATIONS) > MAX_OPEN_CALIBRATIONS:
+        _OPEN_CALIBRATIONS.pop(next(iter(_OPEN_CALIBRATIONS)))[2].close()
+    return entry[2], entry[3]
+
+
+def release_calibration_pages():
+    """Unmap the pages of the open calibration files that this process has read.
+
+    A worker reads one OTA (64 MB unbinned) of each master per OTA it reduces;
+    without this the pages of every OTA it reduced stay in its memory (they count
+    in its proportional set size) until the process ends. The files stay open and
+    their pages in the page cache: the next read maps them again without I/O.
+    """
+    for _, _, hdulist, _ in _OPEN_CALIBRATIONS.values():
+        mapping = getattr(hdulist._file, "_mmap", None)  # astropy's one map of the file
+        if mapping is not None and not mapping.closed:
+            mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _ota_of(header):

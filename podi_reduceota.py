@@ -25,7 +25,8 @@ import podi_nonlinearity
 import podi_persistency
 from podi_definitions import (N_CELLS, SATURATION_ADU, all_cells, broken_cells, cell_geometry, cell_is_science,
                               cell_to_ota, layout_for_mjd, ota_extname)
-from podi_mef import CalibrationError, header_number, open_calibration, read_ota_image, valid_cards
+from podi_mef import (CalibrationError, header_number, open_calibration, read_ota_image,
+                      release_calibration_pages, valid_cards)
 from podi_overscan import subtract_overscan
 from podi_rawdata import RawDataError, exposure_base_from_file, open_raw_ota
 
@@ -537,6 +538,8 @@ def reduce_ota(filename, settings, stop_after=None, out=None, expected=None):
         stage(frame, settings)
         if stage.__name__ == stop_after:
             break
+    # The masters' pages of this OTA are not needed again by this process.
+    release_calibration_pages()
     if settings.gain:
         frame.header["GAIN"] = (1.0, "data are in electrons")
     frame.header["BUNIT"] = ("electron" if settings.gain else "adu", "unit of the pixel values")

@@ -24,6 +24,7 @@ faults rather than by racing sleeps.
 
 import contextlib
 import ctypes
+import errno
 import gc
 import logging
 import multiprocessing
@@ -59,30 +60,58 @@ def process_exists(pid):
 class SharedBuffers:
     """One file-backed native float32 array per key in shared memory (``/dev/shm``).
 
-    The folder is ``podi_<pid>_<random>``: a run that was killed cannot remove its
-    buffers, so every new set first removes those of processes that no longer exist.
+    The folder is ``podi_<pid>_<random>`` in the first of :attr:`ROOTS` with room for
+    every buffer: the files are sparse, and a worker writing into a page that a full
+    tmpfs cannot give dies of SIGBUS, so the room is checked before they are made. A
+    run that was killed cannot remove its buffers, so every new set first removes
+    those of processes that no longer exist.
 
     Parameters
     ----------
     keys : iterable of int
     shape : tuple of int
+
+    Raises
+    ------
+    OSError
+        ``ENOSPC``, naming each folder and its free space, when none has room.
     """
 
     #: Prefix of the buffer folders; the owning process's id follows.
     PREFIX = "podi_"
+    #: Folders tried in order: memory first, then the temporary folder on disk.
+    ROOTS = ("/dev/shm", tempfile.gettempdir())
 
     def __init__(self, keys, shape):
-        root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        self.remove_stale(root)
-        self.directory = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}_", dir=root))
+        keys = list(keys)
         self.shape = tuple(shape)
         self.nbytes = int(np.prod(self.shape)) * 4
+        root = self._root_with_room(self.nbytes * len(keys))
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}_", dir=root))
         self.paths = {}
         for key in keys:
             path = self.directory / f"{key:02d}.f32"
             with open(path, "wb") as handle:
                 handle.truncate(self.nbytes)
             self.paths[key] = path
+
+    def _root_with_room(self, needed):
+        free = {}
+        for root in self.ROOTS:
+            if not os.path.isdir(root):
+                continue
+            self.remove_stale(root)
+            status = os.statvfs(root)
+            free[root] = status.f_bavail * status.f_frsize
+            if free[root] >= needed:
+                if root != self.ROOTS[0]:
+                    logger.warning("%s has only %.0f MB free: the OTA buffers (%.0f MB) go to %s",
+                                   self.ROOTS[0], free.get(self.ROOTS[0], 0) / 2**20, needed / 2**20,
+                                   root)
+                return root
+        rooms = ", ".join(f"{root} has {space / 2**20:.0f} MB free" for root, space in free.items())
+        raise OSError(errno.ENOSPC, f"no room for the OTA buffers ({needed / 2**20:.0f} MB needed; "
+                                    f"{rooms})")
 
     def array(self, key):
         """The buffer of ``key`` as a writable native float32 array."""
@@ -108,6 +137,16 @@ class SharedBuffers:
                     path.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     folder.rmdir()
+
+
+def _death(exitcode):
+    """How a worker process ended, from its exit code, with the likely cause."""
+    if exitcode is None or exitcode >= 0:
+        return f"exit code {exitcode}"
+    name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else str(-exitcode)
+    cause = {signal.SIGKILL: ": out of memory, or killed by hand",
+             signal.SIGBUS: ": the shared-memory folder filled up"}.get(-exitcode, "")
+    return f"killed by {name}{cause}"
 
 
 def _inject_fault(key):
@@ -396,7 +435,7 @@ class WorkerPool:
         key = worker.key
         worker.stop()
         self.workers.remove(worker)
-        ledger.done(key, "error", f"worker process died (exit code {worker.process.exitcode})", 0.0)
+        ledger.done(key, "error", f"worker process died ({_death(worker.process.exitcode)})", 0.0)
         self.workers.append(_Worker(self.processes, self.buffers, self.context))
 
     def close(self):

@@ -1,7 +1,7 @@
 """Benchmark: podi_collectcells on a full 13-OTA pODI exposure (run by hand).
 
     python benchmarks/bench_collectcells.py [--ncpus N] [--repeat N] [--fixwcs] [--photcalib]
-        [--plots] [--fringe] [--pupilghost] [--persistency] [--odi5x6]
+        [--plots] [--fringe] [--pupilghost] [--persistency] [--odi5x6] [--night N]
 
 Simulates once (cached in benchmarks/cache/) a full unbinned exposure with every
 effect and ~5,000 detectable stars, perfect masters in electrons and the camera's
@@ -13,6 +13,9 @@ last of these, and prints what each adds and how many sources the catalog holds;
 run with the QA page also prints the page's own time and CPU-seconds, as
 podi_collectcells measured them from the written frame to the written page.
 ``--odi5x6`` times a full 30-OTA ODI 5x6 exposure with ``-photcalib`` and the QA page.
+``--night N`` reduces the main exposure N times (with ``-photcalib`` and the QA page)
+in one process, as a night batch does, and prints the memory after and during each
+frame: it must not grow.
 ``--fringe`` times a second cached exposure (odi_i, fringes of 2 % of the sky, its
 perfect template and vectors) with and without ``-fringe``: what the measure and
 apply phases add. ``--pupilghost`` does the same with a third cached exposure
@@ -194,6 +197,11 @@ class PeakMemory(threading.Thread):
             self.peak_mb = max(self.peak_mb, sum(_pss_kb(pid) for pid in family) / 1024)
             time.sleep(0.05)
 
+    def take(self):
+        """The peak since the last call (or the start), and start a new one."""
+        peak, self.peak_mb = self.peak_mb, 0.0
+        return peak
+
     def stop(self):
         self.running = False
         self.join()
@@ -234,6 +242,54 @@ def collectcells_runs(exposure, output, flags, repeat):
                       + flags, label, repeat)
 
 
+#: Run by ``night_in_one_process``: frames reduced one after another in one process,
+#: as a night batch does; prints one line per frame with the process's own PSS after it.
+NIGHT_DRIVER = """
+import sys, time
+from pathlib import Path
+import podi_collectcells
+frames, argv = int(sys.argv[1]), sys.argv[2:]
+for frame in range(frames):
+    start = time.monotonic()
+    if podi_collectcells.main(argv) != 0:
+        sys.exit(1)
+    pss = next(int(line.split()[1]) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()
+               if line.startswith("Pss:"))
+    print(f"frame {frame + 1} {time.monotonic() - start:.2f} {pss / 1024:.0f}", flush=True)
+"""
+
+
+def night_in_one_process(exposure, output, flags, frames):
+    """Reduce the same exposure ``frames`` times in one process; print, per frame, its
+    wall time, the master process's PSS after it and the peak PSS of all processes
+    during it, then the growth from the fifth frame (caches are full by then) to the last."""
+    output.unlink(missing_ok=True)
+    command = [sys.executable, "-c", NIGHT_DRIVER, str(frames), str(exposure), str(output)] + flags
+    start, cpu = time.monotonic(), cpu_seconds()
+    process = subprocess.Popen(command, cwd=HERE.parent, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    memory = PeakMemory(process.pid)
+    memory.start()
+    after, peaks = [], []
+    for line in process.stdout:
+        if not line.startswith("frame "):
+            continue
+        _, number, seconds, pss = line.split()
+        after.append(float(pss))
+        peaks.append(memory.take())
+        print(f"  frame {number}: {float(seconds):.2f} s, master PSS after it {pss} MB, peak PSS of all "
+              f"processes during it {peaks[-1]:.0f} MB")
+    memory.stop()
+    if process.wait() != 0 or len(after) != frames:
+        raise RuntimeError(f"the night driver stopped after {len(after)} frames")
+    wall, cpu = time.monotonic() - start, cpu_seconds() - cpu
+    base = min(4, frames - 1)
+    print(f"{frames} frames in one process: {wall:.1f} s, {cpu:.1f} CPU-s ({cpu / frames:.2f} CPU-s per "
+          f"frame); from frame {base + 1} to {frames} the master's PSS after a frame went "
+          f"{after[base]:.0f} -> {after[-1]:.0f} MB and the peak {peaks[base]:.0f} -> {peaks[-1]:.0f} MB "
+          f"(highest {max(peaks):.0f} MB)")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ncpus", type=int, default=None)
@@ -248,6 +304,9 @@ def main():
     parser.add_argument("--persistency", action="store_true", help="also time -persistency")
     parser.add_argument("--odi5x6", action="store_true",
                         help="also time -photcalib with the QA page on a full ODI 5x6 frame")
+    parser.add_argument("--night", type=int, default=0, metavar="N",
+                        help="also reduce N frames with -photcalib and the QA page in one process "
+                             "and print the memory after each")
     args = parser.parse_args()
     exposure, cals = prepare()
     output = CACHE / "reduced.fits"
@@ -307,6 +366,9 @@ def main():
                                                      f"-refcat={wide.parent / (wide.name + '.refcat.fits')}"],
                                  args.repeat)
         print(f"ODI 5x6 -photcalib with the QA page: {best[0]:.2f} s, {best[1]:.2f} CPU-s")
+    if args.night:
+        refcat = exposure.parent / (exposure.name + ".refcat.fits")
+        night_in_one_process(exposure, output, flags + ["-photcalib", f"-refcat={refcat}"], args.night)
     print(f"shared OTA buffers in /dev/shm: at most {13 * 64} MB (counted in the PSS while "
           "mapped), freed as each OTA is written")
     print("time per stage, one OTA (33) in one process:")

@@ -75,7 +75,7 @@ def test_worker_killed_by_the_kernel_fails_only_its_ota(object_exposure, true_ca
     assert run_collectcells(object_exposure, output, f"-cals={true_cals}", "-ncpus=2") == 0
     assert_complete(output, otas=2)
     assert fits.getval(output, "FAILOTAS") == "34"
-    assert f"worker process died (exit code -{signal.SIGKILL})" in caplog.text
+    assert "worker process died (killed by SIGKILL: out of memory, or killed by hand)" in caplog.text
 
 
 def test_disk_full_while_writing(object_exposure, true_cals, tmp_path, monkeypatch, capsys):
@@ -136,3 +136,35 @@ def test_output_folder_removed_during_the_run(object_exposure, true_cals, tmp_pa
     monkeypatch.undo()
     assert run_collectcells(object_exposure, output, f"-cals={true_cals}") == 0
     assert_complete(output)
+
+
+def test_shared_memory_full(object_exposure, true_cals, small_disk, tmp_path, monkeypatch, capsys, caplog):
+    """/dev/shm without room for the OTA buffers (48 MB here): they go to the disk
+    folder with a warning; with no folder that has room, a one-line error."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    monkeypatch.setattr(SharedBuffers, "ROOTS", (str(small_disk), str(disk)))
+    output = tmp_path / "frame.fits"
+    assert run_collectcells(object_exposure, output, f"-cals={true_cals}") == 0
+    assert_complete(output)
+    assert f"{small_disk} has only 8 MB free: the OTA buffers (48 MB) go to {disk}" in caplog.text
+    assert list(small_disk.iterdir()) == [] and list(disk.iterdir()) == []
+    output.unlink()
+    capsys.readouterr()
+    monkeypatch.setattr(SharedBuffers, "ROOTS", (str(small_disk),))
+    assert run_collectcells(object_exposure, output, f"-cals={true_cals}") == 1
+    assert one_line_error(capsys) == ("podi_collectcells: error: no room for the OTA buffers (48 MB needed; "
+                                      f"{small_disk} has 8 MB free)")
+    assert not output.exists() and leftovers(tmp_path) == []
+
+
+def test_shared_memory_filled_during_the_run(object_exposure, true_cals, small_disk, tmp_path, monkeypatch,
+                                             capsys):
+    """The room vanishes after the check (another program fills /dev/shm): the workers
+    die of SIGBUS, and the message says why."""
+    monkeypatch.setattr(SharedBuffers, "_root_with_room", lambda self, needed: str(small_disk))
+    output = tmp_path / "frame.fits"
+    assert run_collectcells(object_exposure, output, f"-cals={true_cals}") == 1
+    message = one_line_error(capsys)
+    assert "killed by SIGBUS: the shared-memory folder filled up" in message, message
+    assert not output.exists() and leftovers(tmp_path) == []

@@ -80,12 +80,12 @@ def run_case(args, output, capsys):
     return status, captured.err, primary
 
 
-def broken_exposure(object_exposure, tmp_path, write_broken):
+def broken_exposure(exposure, tmp_path, write_broken):
     """A copy of the exposure (its intact files linked) whose OTA 34 file
     ``write_broken(source, target)`` writes."""
-    folder = tmp_path / object_exposure.name
-    folder.mkdir()
-    for path in object_exposure.iterdir():
+    folder = tmp_path / exposure.name
+    folder.mkdir(parents=True)
+    for path in exposure.iterdir():
         if path.name.endswith(f".{BROKEN_OTA}.fits"):
             write_broken(path, folder / path.name)
         else:
@@ -300,3 +300,49 @@ def test_broken_reference_catalog(object_exposure, true_cals, tmp_path, capsys, 
         assert "refcat.fits" in message
     else:
         assert primary["NOTAS"] == 3
+
+
+# --- Broken calibration exposures (podi_makecalibrations) ------------------------------------
+
+#: Largest change of an OTA's median in a master made with one broken input frame:
+#: ADU for a bias or dark, a fraction for a flat (normalised to 1). A median of five
+#: frames absorbs one outlier; more means the broken frame was combined in.
+MASTER_TOLERANCE = {"bias": 1.0, "dark": 1.0, "flat": 0.005}
+
+
+@pytest.mark.parametrize("case", range(max(CASES // 2, 9)))
+def test_broken_calibration_exposure(calibration_exposures, masters, tmp_path, capsys, case):
+    """One OTA file of one raw bias, dark or flat broken: the master of that kind is made
+    from the rest (the OTA from the other frames) or the command stops with one line."""
+    from podi_makecalibrations import main
+    rng = random.Random(4000 + case)
+    kind = ("bias", "dark", "flat")[case % 3]
+    frames = calibration_exposures[kind]
+    victim = rng.randrange(len(frames))
+    inputs = [broken_exposure(frame, tmp_path / f"in{i}", lambda s, t: rng.choice(RAW_BREAKERS)(rng, s, t))
+              if i == victim else frame for i, frame in enumerate(frames)]
+    outdir = tmp_path / "cals"
+    outdir.mkdir()
+    earlier = {"bias": [], "dark": ["bias"], "flat": ["bias", "dark"]}[kind]
+    for name, path in masters.items():
+        if name.split("_")[0] in earlier:
+            (outdir / name).symlink_to(path)
+    status = main([str(p) for p in inputs] + [str(outdir), "-ncpus=1"])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    assert [p.name for p in outdir.iterdir() if p.name.startswith(".") or ".tmp" in p.name] == []
+    made = [p for p in outdir.glob(f"{kind}_*.fits") if not p.is_symlink()]
+    if status != 0:
+        errors = captured.err.strip().splitlines()
+        assert len(errors) == 1 and errors[0].startswith("podi_makecalibrations: error:"), errors
+        assert made == []
+        return
+    (master,) = made
+    with fits.open(master, checksum=True) as hdus, fits.open(masters[master.name]) as good:
+        hdus.verify("exception")
+        for ota in (22, 33, 34):
+            name = f"OTA{ota}.SCI"
+            if ota == BROKEN_OTA and name not in hdus:
+                continue
+            change = float(np.nanmedian(hdus[name].data) - np.nanmedian(good[name].data))
+            assert abs(change) < MASTER_TOLERANCE[kind], (name, change)

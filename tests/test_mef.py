@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from podi_mef import StreamedMEF, header_text_with_checksum, native_datasum
+from podi_mef import (MAX_OPEN_CALIBRATIONS, StreamedMEF, header_text_with_checksum, native_datasum,
+                      open_calibration, read_ota_image, release_calibration_pages)
 
 
 def _image_parts(tmp_path, value, name):
@@ -82,3 +83,54 @@ def test_native_datasum_is_the_datasum_of_the_written_data():
     hdu = fits.ImageHDU(image)
     hdu.add_checksum()
     assert native_datasum(image) == int(hdu.header["DATASUM"])
+
+
+def _master_file(path, value, otas=(33, 34, 43, 44), size=1024):
+    hdus = [fits.PrimaryHDU()]
+    for ota in otas:
+        hdus.append(fits.ImageHDU(np.full((size, size), value, np.float32), name=f"OTA{ota}.SCI"))
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+    return path
+
+
+def _mapped_file_mb():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("Pss_File:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no Pss_File in /proc/self/smaps_rollup (Linux before 5.13)")
+
+
+def test_read_master_pages_are_released_after_an_ota(tmp_path):
+    # Four 4 MB extensions read through the map, as a worker does over four OTAs.
+    master = _master_file(tmp_path / "flat.fits", 1.0)
+    before = _mapped_file_mb()
+    total = sum(float(np.sum(read_ota_image(master, ota, 1024, mapped=True)[0], dtype=np.float64))
+                for ota in (33, 34, 43, 44))
+    assert total == 4 * 1024 * 1024
+    held = _mapped_file_mb() - before
+    release_calibration_pages()
+    released = _mapped_file_mb() - before
+    assert held > 14, held
+    assert released < 2, released
+    # Still open and readable after the release.
+    assert float(read_ota_image(master, 44, 1024, mapped=True)[0][5, 5]) == 1.0
+
+
+def test_a_rewritten_master_is_opened_anew_and_the_old_map_closed(tmp_path):
+    master = _master_file(tmp_path / "bias.fits", 1.0)
+    old, _ = open_calibration(master)
+    assert float(read_ota_image(master, 33, 1024)[0][0, 0]) == 1.0
+    _master_file(tmp_path / "bias.fits", 2.0, otas=(33, 34))
+    assert float(read_ota_image(master, 33, 1024)[0][0, 0]) == 2.0
+    assert old._file.closed
+    assert sorted(open_calibration(master)[1]) == [33, 34]
+
+
+def test_at_most_a_few_calibration_files_stay_open(tmp_path):
+    files = [_master_file(tmp_path / f"m{index}.fits", index, otas=(33,), size=16)
+             for index in range(MAX_OPEN_CALIBRATIONS + 1)]
+    first, _ = open_calibration(files[0])
+    for path in files[1:]:
+        open_calibration(path)
+    assert first._file.closed
+    assert float(read_ota_image(files[0], 33, 16)[0][0, 0]) == 0.0
