@@ -405,7 +405,8 @@ def night_figure(rows, path):
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.4)
-    axes[0].legend(loc="best", fontsize=8, title="filter")
+    if axes[0].get_legend_handles_labels()[0]:  # frames without seeing plot nothing here
+        axes[0].legend(loc="best", fontsize=8, title="filter")
     axes[0].set_title(f"The night of MJD {midnight} ({len(timed)} frames)")
     axes[-1].set_xlabel(f"UT hours since MJD {midnight}")
     figure.tight_layout()
