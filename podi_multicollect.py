@@ -113,6 +113,7 @@ def run_command(command, *after):
     after : TaskResult
         Results of the tasks this one waited for (unused: Dask passes them).
     """
+    _kill_worker_hook(command)
     start, cpu = time.monotonic(), _children_cpu()
     for attempt in (1, 2):
         completed = subprocess.run([sys.executable, "-m"] + command, stdin=subprocess.DEVNULL,
@@ -121,6 +122,15 @@ def run_command(command, *after):
             break
     return TaskResult(completed.returncode == 0, time.monotonic() - start, _children_cpu() - cpu, attempt,
                       "" if completed.returncode == 0 else _error_line(completed))
+
+
+def _kill_worker_hook(command):
+    """Test hook: ``PODI_KILL_FRAME=<output file name>:<marker file>`` kills the Dask
+    worker process that starts that frame, once (the marker file records that it did)."""
+    target, _, marker = os.environ.get("PODI_KILL_FRAME", "").partition(":")
+    if target and Path(command[2]).name == target and not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- Inputs --------------------------------------------------------------------------------
@@ -190,44 +200,60 @@ def _key(path, outdir):
         return str(path)
 
 
-def plan_night(frames, outdir, flags, calsdir, makecals):
-    """Commands and dependencies of every frame; with ``makecals`` the calibration
-    exposures become master tasks. Returns the frames in submission order."""
-    from podi_calibfiles import master_name
-    science, groups = [], {}
-    for frame in sorted(frames, key=lambda f: (f.mjd, f.output)):
-        obstype = str(frame.header.get("OBSTYPE", "")).strip().upper() if frame.header is not None else ""
-        kind = CALIBRATION_TYPES.get(obstype) if makecals and not frame.error else None
-        if kind is None:
-            science.append(frame)
-            continue
-        group = (kind, frame.binning, frame.filter if kind == "flat" else None)
-        groups.setdefault(group, []).append(frame)
-    masters = []
-    makecals_flags = [flag for flag in flags if flag.split("=")[0] in MAKECALS_FLAGS]
-    for (kind, binning, filter_name), members in sorted(groups.items(), key=lambda item: (
-            ("bias", "dark", "flat").index(item[0][0]), str(item[0]))):
-        output = _key(calsdir / master_name(kind, binning, filter_name), outdir)
+class NightPlan:
+    """Commands and dependencies of the night's frames, batch after batch (``-follow``
+    plans each batch of new exposures as it completes).
+
+    With ``makecals`` the calibration exposures of the first batch become master tasks
+    (bias, then dark, then a flat per filter); later ones are reduced like any frame.
+    A science frame waits for the masters of its binning (and filter) and, with
+    ``-persistency``, for the science frame before it.
+    """
+
+    def __init__(self, outdir, flags, calsdir, makecals):
+        self.outdir, self.flags, self.calsdir, self.makecals = outdir, flags, calsdir, makecals
+        self.masters, self.seen, self.previous = [], {}, None
+        self.chained = any(flag.split("=")[0] == "-persistency" for flag in flags)
+
+    def add(self, frames):
+        """Plan ``frames`` (:class:`Frame`, described); returns them in submission order."""
+        science, groups = [], {}
+        for frame in sorted(frames, key=lambda f: (f.mjd, f.output)):
+            obstype = str(frame.header.get("OBSTYPE", "")).strip().upper() if frame.header is not None else ""
+            kind = CALIBRATION_TYPES.get(obstype) if self.makecals and not frame.error else None
+            if kind is None:
+                science.append(frame)
+            else:
+                groups.setdefault((kind, frame.binning, frame.filter if kind == "flat" else None), []).append(frame)
+        self.makecals = False
+        masters = [self._master(kind, binning, filter_name, members) for (kind, binning, filter_name), members
+                   in sorted(groups.items(), key=lambda item: (("bias", "dark", "flat").index(item[0][0]),
+                                                               str(item[0])))]
+        for frame in science:
+            if frame.output in self.seen and not frame.error:
+                frame.error = f"the same output as {self.seen[frame.output]}"
+            self.seen.setdefault(frame.output, frame.inputs[0])
+            frame.command = ["podi_collectcells", frame.inputs[0], str(self.outdir / frame.output)] + self.flags
+            frame.needs = [m.output for m in self.masters if m.binning == frame.binning
+                           and (m.kind != "flat" or m.filter == frame.filter)]
+            if self.chained and self.previous is not None:
+                frame.needs.append(self.previous.output)
+            if not frame.error:
+                self.previous = frame
+        return masters + science
+
+    def _master(self, kind, binning, filter_name, members):
+        from podi_calibfiles import master_name
+        output = _key(self.calsdir / master_name(kind, binning, filter_name), self.outdir)
         inputs = [m.inputs[0] for m in members]
-        needs = [m.output for m in masters if m.binning == binning and m.kind in
-                 {"bias": (), "dark": ("bias",), "flat": ("bias", "dark")}[kind]]
-        masters.append(Frame(output, kind, inputs, [f for m in members for f in m.files],
-                             ["podi_makecalibrations"] + inputs + [str(calsdir), "-ncpus=1"] + makecals_flags,
-                             binning=binning, filter=filter_name or "", mjd=min(m.mjd for m in members),
-                             needs=needs))
-    seen, previous = {}, None
-    chained = any(flag.split("=")[0] == "-persistency" for flag in flags)
-    for frame in science:
-        if frame.output in seen and not frame.error:
-            frame.error = f"the same output as {seen[frame.output]}"
-        seen.setdefault(frame.output, frame.inputs[0])
-        frame.command = ["podi_collectcells", frame.inputs[0], str(outdir / frame.output)] + flags
-        frame.needs = [m.output for m in masters if m.binning == frame.binning
-                       and (m.kind != "flat" or m.filter == frame.filter)]
-        if chained and previous is not None:
-            frame.needs.append(previous.output)
-        previous = frame if not frame.error else previous
-    return masters + science
+        earlier = {"bias": (), "dark": ("bias",), "flat": ("bias", "dark")}[kind]
+        makecals_flags = [flag for flag in self.flags if flag.split("=")[0] in MAKECALS_FLAGS]
+        master = Frame(output, kind, inputs, [f for m in members for f in m.files],
+                       ["podi_makecalibrations"] + inputs + [str(self.calsdir), "-ncpus=1"] + makecals_flags,
+                       binning=binning, filter=filter_name or "", mjd=min(m.mjd for m in members),
+                       needs=[m.output for m in self.masters if m.binning == binning and m.kind in earlier])
+        self.masters.append(master)
+        return master
 
 
 def collectcells_flags(flags, calsdir, makecals):
@@ -526,24 +552,19 @@ def multicollect(argv):
     manifest = Manifest(outdir)
     watcher = ExposureWatcher(inputs[0], options.get("settle", SETTLE_SECONDS), (outdir, calsdir)) \
         if follow else None
-    frames = []
+    frames, plan = [], NightPlan(outdir, flags, calsdir, makecals)
     if not follow:
         described = [describe(path, outdir, formatout)
                      for path in expand_inputs(inputs, options.get("fromfile"), (outdir, calsdir))]
         if not described:
             raise MulticollectError("no exposures among the inputs")
-        frames = plan_night(described, outdir, flags, calsdir, makecals)
-    masters_done = []
+        frames = plan.add(described)
 
-    def plan(folders):
-        described = [describe(folder, outdir, formatout) for folder in folders]
-        # -makecals in follow mode: the calibrations of the first batch become masters.
-        planned = plan_night(described, outdir, flags, calsdir, makecals and not masters_done)
-        masters_done.append(True)
-        return planned
+    def plan_new(folders):
+        return plan.add([describe(folder, outdir, formatout) for folder in folders])
 
     with Night(options.get("scheduler"), options.get("workers")) as night:
-        done, failed = run_night(night, frames, outdir, manifest, bool(options.get("redo")), watcher, plan,
+        done, failed = run_night(night, frames, outdir, manifest, bool(options.get("redo")), watcher, plan_new,
                                  options.get("idle"), options.get("poll", 2.0))
     outputs = [outdir / row["output"] for row in manifest.rows()
                if row["kind"] == "object" and row["state"] == "done" and (outdir / row["output"]).exists()]

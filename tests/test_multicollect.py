@@ -162,10 +162,13 @@ def test_killed_night_finishes_only_the_missing_frames(night, reduced_night, tmp
     copy.mkdir()
     for exposure in science(night)[:8]:
         (copy / exposure.name).symlink_to(exposure)
+    # The files of another frame, cut in their first cell: the headers read, every OTA fails.
+    source = science(night)[9]
     broken = copy / "o20131124T081200.99"
     broken.mkdir()
     for ota in NIGHT_OTAS:
-        (broken / f"{broken.name}.{ota}.fits").write_bytes(b"SIMPLE  =                    T" + b" " * 50)
+        data = (source / f"{source.name}.{ota}.fits").read_bytes()
+        (broken / f"{broken.name}.{ota}.fits").write_bytes(data[:5 * 2880 + 1000])
     outdir = tmp_path / "out"
     flags = [f"-cals={reduced_night[0] / 'cals'}"]
     process = multicollect(copy, outdir, "-workers=2", *flags, background=True, start_new_session=True)
@@ -195,7 +198,8 @@ def test_killed_night_finishes_only_the_missing_frames(night, reduced_night, tmp
     assert {key for key, row in rows.items() if row["state"] == "done"} == {
         p.name[1:] + ".fits" for p in copy.iterdir() if p != broken}
     (failed,) = [row for row in rows.values() if row["state"] == "failed"]
-    assert broken.name in failed["input"] and "not a readable FITS file" in failed["error"], failed
+    assert broken.name in failed["input"] and "every OTA failed" in failed["error"], failed
+    assert failed["attempts"] == 2  # tried once more
     assert f"{8 - len(done_before)} frames done, 1 failed in this run" in rerun.stderr
     leftovers = [p.name for p in outdir.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
     assert leftovers == []
@@ -311,3 +315,37 @@ def test_command_line_errors(tmp_path):
         assert done.returncode == 1
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("podi_multicollect: error:") and message in lines[0], lines
+
+
+def test_a_dead_worker_loses_only_its_frame(night, reduced_night, tmp_path):
+    """The Dask worker process running one frame is killed (SIGKILL): the frame runs again
+    on a worker that lives, and every frame ends done."""
+    outdir, _ = reduced_night
+    frames = science(night)[6:10]
+    victim, marker = frames[1].name[1:] + ".fits", tmp_path / "killed"
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "podi_multicollect", *map(str, frames), str(out), "-workers=2",
+                           f"-cals={outdir / 'cals'}"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PODI_KILL_FRAME": f"{victim}:{marker}"})
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()  # the worker was killed
+    assert {row["state"] for row in manifest_rows(out).values()} == {"done"}
+    assert_same_frame(out / victim, outdir / victim)
+
+
+def test_progress_line_on_a_terminal():
+    import io
+
+    from podi_multicollect import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = Progress(10, terminal)
+    progress.start -= 120  # two minutes in
+    progress.done, progress.failed, progress.running = 3, 1, 2
+    progress.show()
+    assert terminal.getvalue() == ("\r\033[K4/10 frames: 3 done, 1 failed, 2 running, 2.0 frames/min, "
+                                   "ETA 3.0 min")
