@@ -45,6 +45,7 @@ Memory stays bounded: one OTA of all frames at a time, one OTA per worker proces
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections import defaultdict
@@ -70,6 +71,7 @@ from podi_nonlinearity import nonlinearity_file_for_mjd
 from podi_rawdata import RawDataError, find_exposure, read_exposure_header
 from podi_reduceota import ReductionSettings, cell_gains, reduce_ota
 from podi_stats import bin_image, robust_statistics
+from podi_workers import process_exists
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +142,16 @@ def flat_normalisation_level(binned):
             break
         selection = pooled[keep]
     return float(np.median(selection))
+
+
+def work_folder(outdir):
+    """A temporary folder ``.makecal.<pid>.<random>`` in ``outdir`` for the OTAs of one
+    master (a context manager); those of killed runs (process gone) are removed first."""
+    for folder in Path(outdir).glob(".makecal.*.*"):
+        pid = folder.name.split(".")[2]
+        if pid.isdigit() and not process_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return tempfile.TemporaryDirectory(dir=outdir, prefix=f".makecal.{os.getpid()}.")
 
 
 def combine_ota(kind, ota, binning, files, settings, combine, exptimes, tmpdir):
@@ -273,7 +285,7 @@ def make_master(kind, exposures, outdir, settings, combine="median", ncpus=None,
     otas = sorted({ota for exposure in exposures for ota in exposure.ota_files})
     layout = layout_for_mjd(exposures[0].mjd)
     logger.info("%s: %d exposures, %d OTAs", filename.name, len(exposures), len(otas))
-    with tempfile.TemporaryDirectory(dir=outdir, prefix=".makecal") as tmpdir:
+    with work_folder(outdir) as tmpdir:
         jobs = []
         for ota in otas:
             members = [e for e in exposures if ota in e.ota_files]
@@ -435,7 +447,7 @@ def make_fringe_template(exposures, outdir, settings, ncpus=None):
     otas = sorted({ota for exposure in exposures for ota in exposure.ota_files})
     layout = layout_for_mjd(exposures[0].mjd)
     logger.info("%s: %d exposures, %d OTAs", filename.name, len(exposures), len(otas))
-    with tempfile.TemporaryDirectory(dir=outdir, prefix=".makecal") as tmpdir:
+    with work_folder(outdir) as tmpdir:
         jobs = [(ota, binning, [e.ota_files[ota] for e in exposures if ota in e.ota_files], settings,
                  tmpdir)
                 for ota in otas]

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from podi_definitions import PIPELINE_VERSION
+from podi_mef import remove_stale_temporaries, temporary_name
 
 #: File name of the manifest in the output folder.
 MANIFEST_NAME = "multicollect.sqlite"
@@ -130,7 +131,8 @@ class Manifest:
                                       dtype=float if _numeric(name) else str) for name in COLUMNS})
         for suffix, form in ((".csv", "ascii.csv"), (".fits", "fits")):
             path = self.folder / (SUMMARY_NAME + suffix)
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            remove_stale_temporaries(path)  # of a run killed while writing it
+            temporary = temporary_name(path)
             table.write(temporary, format=form, overwrite=True)
             os.replace(temporary, path)
 

@@ -1,6 +1,8 @@
 """Master calibrations recover the simulated camera's true bias, dark and flat."""
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +126,15 @@ def test_wrong_type_and_binning_are_skipped(object_exposure, calibration_exposur
 def test_command_line_without_calibration_frames(object_exposure, tmp_path, capsys):
     assert makecalibrations_main([str(object_exposure), str(tmp_path / "cals")]) == 1
     assert "no bias, dark or flat exposures" in capsys.readouterr().err
+
+
+def test_work_folders_of_killed_runs_are_removed(tmp_path):
+    from podi_makecalibrations import work_folder
+    dead, alive = tmp_path / ".makecal.999999999.abc", tmp_path / f".makecal.{os.getpid()}.xyz"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "OTA33.fits").write_bytes(b"x")
+    with work_folder(tmp_path) as folder:
+        assert Path(folder).name.startswith(f".makecal.{os.getpid()}.")
+        assert not dead.exists() and alive.exists()
+    assert not Path(folder).exists()
