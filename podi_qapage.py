@@ -29,6 +29,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from podi_mef import remove_stale_temporaries, temporary_name
+
 logger = logging.getLogger("podi_qapage")
 
 #: File types a browser shows as an image; other plot formats are linked.
@@ -110,7 +112,8 @@ def write_atomically(path, text):
     half a page."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temporaries(path)
+    temporary = temporary_name(path)
     try:
         temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
@@ -410,8 +413,8 @@ def night_figure(rows, path):
     axes[0].set_title(f"The night of MJD {midnight} ({len(timed)} frames)")
     axes[-1].set_xlabel(f"UT hours since MJD {midnight}")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=NIGHT_DPI)
+    from podi_plots import save_figure
+    save_figure(figure, path, NIGHT_DPI)
     return True
 
 

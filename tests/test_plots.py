@@ -437,3 +437,25 @@ def test_wcs_panels_place_each_otas_offsets(frame):
     assert (mine[0].center[0] - u0) / scale == pytest.approx(D_RA, abs=0.02)
     labels = [text.get_text() for text in ax.texts]
     assert '44: 75 pairs, rms' in " ".join(labels)
+
+
+def test_a_plot_interrupted_while_saving_leaves_no_file(frame, tmp_path, monkeypatch):
+    """savefig dies half-way (as a killed run would): neither the plot nor its temporary
+    file is there; a later save also removes what a dead process left."""
+    path = tmp_path / "frame.wcs1.png"
+    stale = tmp_path / ".frame.wcs1.png.999999999.tmp"
+    stale.write_bytes(b"\x89PNG half")
+
+    def half(figure, target, **options):
+        Path(target).write_bytes(b"\x89PNG\r\n\x1a\n half of it")
+        raise OSError("killed")
+
+    monkeypatch.setattr(Figure, "savefig", half)
+    with pytest.raises(OSError):
+        podi_plots.render(frame, "wcs1", None, [path])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    podi_plots.render(frame, "wcs1", None, [path])
+    assert imread(path).shape[:2] == (podi_plots.PLOT_SIZE[1] * podi_plots.DPI,
+                                      podi_plots.PLOT_SIZE[0] * podi_plots.DPI)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
