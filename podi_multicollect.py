@@ -67,7 +67,8 @@ CALIBRATION_TYPES = {"BIAS": "bias", "ZERO": "bias", "DARK": "dark", "DFLAT": "f
                      "FLAT": "flat", "SFLAT": "flat"}
 #: podi_collectcells flags that podi_makecalibrations takes as well.
 MAKECALS_FLAGS = ("-gain", "-nonlinearity", "-crosstalk")
-#: Memory (bytes) a frame task declares: a fixed part and one per OTA of binning 1.
+#: Memory (bytes) a task declares (:meth:`Frame.memory`): a fixed part and one per
+#: unbinned OTA it holds.
 FRAME_MEMORY = (400 * 2**20, 100 * 2**20)
 
 
@@ -151,6 +152,12 @@ class Frame:
     needs: list = field(default_factory=list)  # outputs of the frames it waits for
     error: str = ""  # known before it runs: it fails without running
 
+    def memory(self):
+        """Bytes the task declares: a reduction holds its OTAs, a master one OTA of each
+        input exposure at a time."""
+        count = len(self.files) if self.kind == "object" else len(self.inputs)
+        return FRAME_MEMORY[0] + FRAME_MEMORY[1] * max(count, 1) / self.binning ** 2
+
 
 def _holds_ota_files(folder):
     return any(folder.glob("*.[0-9][0-9].fits*"))
@@ -224,7 +231,8 @@ class NightPlan:
             if kind is None:
                 science.append(frame)
             else:
-                groups.setdefault((kind, frame.binning, frame.filter if kind == "flat" else None), []).append(frame)
+                group = (kind, frame.binning, frame.filter if kind == "flat" else None)
+                groups.setdefault(group, []).append(frame)
         self.makecals = False
         masters = [self._master(kind, binning, filter_name, members) for (kind, binning, filter_name), members
                    in sorted(groups.items(), key=lambda item: (("bias", "dark", "flat").index(item[0][0]),
@@ -358,9 +366,11 @@ def start_client(scheduler, workers):
     return Client(cluster)
 
 
-def _declares_memory(client):
+def _worker_memory(client):
+    """The smallest ``MEMORY`` resource among the workers; None unless all declare one."""
     workers = client.scheduler_info().get("workers", {}).values()
-    return bool(workers) and all("MEMORY" in worker.get("resources", {}) for worker in workers)
+    memories = [worker.get("resources", {}).get("MEMORY") for worker in workers]
+    return min(memories) if memories and None not in memories else None
 
 
 class Progress:
@@ -410,7 +420,8 @@ class Night:
     do starts no cluster)."""
 
     def __init__(self, scheduler, workers):
-        self.scheduler, self.workers, self.client, self.memory = scheduler, workers, None, False
+        # memory: the smallest MEMORY resource of the workers (bytes), None if one has none.
+        self.scheduler, self.workers, self.client, self.memory = scheduler, workers, None, None
 
     def __enter__(self):
         return self
@@ -422,7 +433,7 @@ class Night:
             link = self.client.dashboard_link if info.get("services", {}).get("dashboard") else None
             logger.info("Dask: %d workers at %s%s", len(info["workers"]), self.client.scheduler.address,
                         f", dashboard {link}" if link else "")
-            self.memory = _declares_memory(self.client)
+            self.memory = _worker_memory(self.client)
         return self.client
 
     def __exit__(self, *_):
@@ -438,7 +449,7 @@ def run_night(night, frames, outdir, manifest, redo, watcher=None, plan=None, id
     looking for new exposures (``plan`` turns them into frames) until ``idle`` seconds
     pass without one. Returns (done, failed) counts."""
     from dask.distributed import wait
-    futures, by_key, submitted = {}, {}, {}
+    pending, by_key, submitted = set(), {}, {}
     progress = Progress(0)
 
     def submit(batch):
@@ -455,30 +466,30 @@ def run_night(night, frames, outdir, manifest, redo, watcher=None, plan=None, id
                 continue
             client = night.connect()
             after = [submitted[need] for need in frame.needs if need in submitted]
-            otas = max(len(frame.files), 1) / frame.binning ** 2
+            # Capped at the smallest worker's: a task no worker can take would wait forever.
+            memory = None if night.memory is None else {"MEMORY": min(frame.memory(), night.memory)}
             future = client.submit(run_command, frame.command, *after, key=f"frame-{frame.output}",
-                                   pure=False, priority=-len(submitted),
-                                   resources={"MEMORY": FRAME_MEMORY[0] + otas * FRAME_MEMORY[1]}
-                                   if night.memory else None)
-            submitted[frame.output] = futures[future] = future
+                                   pure=False, priority=-len(submitted), resources=memory)
+            submitted[frame.output] = future
+            pending.add(future)
             by_key[future.key] = frame
 
     submit(frames)
     last_new = time.monotonic()
     try:
-        while futures or watcher is not None:
+        while pending or watcher is not None:
             if watcher is not None:
                 new = watcher.complete()
                 if new:
                     last_new = time.monotonic()
                     submit(plan(new))
-                elif idle is not None and not futures and time.monotonic() - last_new > idle:
+                elif idle is not None and not pending and time.monotonic() - last_new > idle:
                     break
-            if not futures:
+            if not pending:
                 time.sleep(poll)
                 continue
             try:
-                finished, _ = wait(list(futures), timeout=poll, return_when="FIRST_COMPLETED")
+                finished, _ = wait(list(pending), timeout=poll, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 finished = []
             processing = {key for keys in night.client.processing().values() for key in keys}
@@ -488,7 +499,7 @@ def run_night(night, frames, outdir, manifest, redo, watcher=None, plan=None, id
             progress.running = len(processing)
             for future in finished:
                 frame = by_key[future.key]
-                del futures[future]
+                pending.discard(future)
                 try:
                     result = future.result()
                 except Exception as error:  # a worker lost twice (KilledWorker) or cancelled
