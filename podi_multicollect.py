@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,9 +290,12 @@ def fits_complete(path):
 
     from podi_mef import open_fits
     try:
-        with open_fits(path) as hdulist:
-            info = hdulist[-1].fileinfo()
-            return info["datLoc"] + info["datSpan"] == os.path.getsize(path) and len(hdulist) > 1
+        # A file still being written is the normal case here, not one to warn about.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open_fits(path) as hdulist:
+                info = hdulist[-1].fileinfo()
+                return info["datLoc"] + info["datSpan"] == os.path.getsize(path) and len(hdulist) > 1
     except (OSError, ValueError, IndexError, fits.VerifyError):
         return False
 
