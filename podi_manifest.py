@@ -117,7 +117,7 @@ class Manifest:
         """Record a task's outcome (:class:`podi_multicollect.TaskResult`); on success the
         QA numbers come from the output's primary header."""
         self.update(output, state="done" if result.ok else "failed", attempts=result.attempts,
-                    finished=time.time(), seconds=round(result.seconds, 2),
+                    started=result.started or None, finished=time.time(), seconds=round(result.seconds, 2),
                     cpu_seconds=round(result.cpu_seconds, 2), error=result.error or None,
                     **(_header_values(header) if header is not None else {}))
 

@@ -53,7 +53,8 @@ keeps a manifest (multicollect.sqlite) so that a rerun does only what is missing
   -workers=N           processes of the local cluster (default: one per core)
   -redo                reduce every frame again
   -follow              watch the INPUT folder and reduce each exposure once it is complete
-  -idle=S              with -follow: stop after S seconds without a new exposure (default: never)
+  -idle=S              with -follow: stop when nothing is left to do and no file has changed
+                       for S seconds (default: never)
   -poll=S              with -follow: seconds between looks at the folder (default 2)
   -settle=S            with -follow: an exposure with fewer OTA files than the focal plane
                        is complete when its files have not changed for S seconds (default 10)
@@ -81,13 +82,15 @@ class MulticollectError(Exception):
 
 @dataclass
 class TaskResult:
-    """What a task reports: success, wall and CPU seconds (of both tries), tries, error line."""
+    """What a task reports: success, wall and CPU seconds (of both tries), tries, error
+    line, and when it started (Unix time)."""
 
     ok: bool
     seconds: float
     cpu_seconds: float
     attempts: int
     error: str = ""
+    started: float = 0.0
 
 
 def _children_cpu():
@@ -116,14 +119,18 @@ def run_command(command, *after):
         Results of the tasks this one waited for (unused: Dask passes them).
     """
     _kill_worker_hook(command)
-    start, cpu = time.monotonic(), _children_cpu()
+    started, start, cpu = time.time(), time.monotonic(), _children_cpu()
+    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ for its workers; in a frame, which frees
+    # and allocates OTA-sized arrays, returning them to the kernel at once costs 20 %.
+    environment = {key: value for key, value in os.environ.items() if key != "MALLOC_TRIM_THRESHOLD_"}
     for attempt in (1, 2):
         completed = subprocess.run([sys.executable, "-m"] + command, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env=environment)
         if completed.returncode == 0:
             break
     return TaskResult(completed.returncode == 0, time.monotonic() - start, _children_cpu() - cpu, attempt,
-                      "" if completed.returncode == 0 else _error_line(completed))
+                      "" if completed.returncode == 0 else _error_line(completed), started)
 
 
 def _kill_worker_hook(command):
@@ -313,6 +320,7 @@ class ExposureWatcher:
         self.leave_out = {Path(p).resolve() for p in leave_out}
         self.seen = {}  # exposure folder -> (snapshot of its files, when first seen so)
         self.handed = set()
+        self.last_change = time.monotonic()  # of any exposure's files: writing is activity
 
     def complete(self):
         """Exposure folders that became complete since the last call, oldest first."""
@@ -323,6 +331,7 @@ class ExposureWatcher:
             snapshot = tuple((f.name, f.stat().st_size) for f in files)
             if self.seen.get(folder, (None,))[0] != snapshot:
                 self.seen[folder] = (snapshot, now)
+                self.last_change = now
             settled = now - self.seen[folder][1] >= self.settle
             if files and (settled or _whole_focal_plane(files)) and all(map(fits_complete, files)):
                 self.handed.add(folder)
@@ -351,7 +360,9 @@ def start_client(scheduler, workers):
     from dask.distributed import Client, LocalCluster
     # Frames run in processes of their own; a worker's memory is not its frames'.
     dask.config.set({"distributed.worker.memory.terminate": False,
-                     "distributed.scheduler.allowed-failures": 1})
+                     "distributed.scheduler.allowed-failures": 1,
+                     # A worker holds only the task it runs: the others stay queued.
+                     "distributed.scheduler.worker-saturation": 1.0})
     if scheduler:
         try:
             return Client(scheduler, timeout=10)
@@ -450,8 +461,8 @@ class Night:
 
 def run_night(night, frames, outdir, manifest, redo, watcher=None, plan=None, idle=None, poll=2.0):
     """Submit every frame that is not done, record each outcome; with ``watcher``, keep
-    looking for new exposures (``plan`` turns them into frames) until ``idle`` seconds
-    pass without one. Returns (done, failed) counts."""
+    looking for new exposures (``plan`` turns them into frames) until every frame is
+    finished and no file changed for ``idle`` seconds. Returns (done, failed) counts."""
     from dask.distributed import wait
     pending, by_key, submitted = set(), {}, {}
     progress = Progress(0)
@@ -479,15 +490,13 @@ def run_night(night, frames, outdir, manifest, redo, watcher=None, plan=None, id
             by_key[future.key] = frame
 
     submit(frames)
-    last_new = time.monotonic()
     try:
         while pending or watcher is not None:
             if watcher is not None:
                 new = watcher.complete()
                 if new:
-                    last_new = time.monotonic()
                     submit(plan(new))
-                elif idle is not None and not pending and time.monotonic() - last_new > idle:
+                elif idle is not None and not pending and time.monotonic() - watcher.last_change > idle:
                     break
             if not pending:
                 time.sleep(poll)
