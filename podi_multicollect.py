@@ -24,18 +24,20 @@ they complete, once every file is complete FITS and all OTAs are there
 (:class:`ExposureWatcher`).
 """
 
+import importlib
 import logging
 import os
 import resource
 import signal
-import subprocess
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from podi_manifest import Manifest, fingerprint
+from podi_mef import remove_stale_temporaries
 
 logger = logging.getLogger("podi_multicollect")
 
@@ -98,39 +100,73 @@ def _children_cpu():
     return usage.ru_utime + usage.ru_stime
 
 
-def _error_line(completed):
+def _error_line(returncode, stderr):
     """The one line that says why a command failed."""
-    if completed.returncode < 0:
-        return f"killed by {signal.Signals(-completed.returncode).name}"
-    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    lines = [line for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if ": error:" in line]
-    return (errors or lines or [f"exit code {completed.returncode}"])[-1].strip()
+    return (errors or lines or [f"exit code {returncode}"])[-1].strip()
+
+
+def run_forked(command):
+    """Run ``main(arguments)`` of a podi module (``command``: module, then arguments) in a
+    forked child of this process, as its own program would run; returns its exit status
+    (negative: killed by that signal) and what it wrote to stderr.
+
+    The module is imported once per worker process, so a frame does not pay the 1.2
+    CPU-seconds of a new interpreter's imports; the child holds only the forking thread
+    and ends with ``os._exit``, so nothing of the Dask worker runs in it.
+    """
+    module = importlib.import_module(command[0])
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(read_end)
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            os.dup2(write_end, 2)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            logging.root.handlers.clear()  # the program sets up its own logging
+            status = module.main(list(command[1:]))
+        except SystemExit as error:
+            status = error.code if isinstance(error.code, int) else 1
+        except BaseException:  # noqa: BLE001 - reported as the program's own traceback would be
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status or 0)
+    os.close(write_end)
+    with os.fdopen(read_end, encoding="utf-8", errors="replace") as stream:
+        stderr = stream.read()
+    _, wait_status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(wait_status), stderr
 
 
 def run_command(command, *after):
-    """Run a podi command line (list of str) in a process of its own; once more if it
-    fails. Never raises, so that a failure does not cancel the tasks after it.
+    """Run a podi command line in a process of its own (:func:`run_forked`); once more
+    if it fails. Never raises, so that a failure does not cancel the tasks after it.
 
     Parameters
     ----------
     command : list of str
-        Program arguments, without the interpreter.
+        The module (``podi_collectcells``...), then its arguments.
     after : TaskResult
         Results of the tasks this one waited for (unused: Dask passes them).
     """
     _kill_worker_hook(command)
     started, start, cpu = time.time(), time.monotonic(), _children_cpu()
-    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ for its workers; in a frame, which frees
-    # and allocates OTA-sized arrays, returning them to the kernel at once costs 20 %.
-    environment = {key: value for key, value in os.environ.items() if key != "MALLOC_TRIM_THRESHOLD_"}
     for attempt in (1, 2):
-        completed = subprocess.run([sys.executable, "-m"] + command, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   env=environment)
-        if completed.returncode == 0:
+        returncode, stderr = run_forked(command)
+        if returncode == 0:
             break
-    return TaskResult(completed.returncode == 0, time.monotonic() - start, _children_cpu() - cpu, attempt,
-                      "" if completed.returncode == 0 else _error_line(completed), started)
+    return TaskResult(returncode == 0, time.monotonic() - start, _children_cpu() - cpu, attempt,
+                      "" if returncode == 0 else _error_line(returncode, stderr), started)
 
 
 def _kill_worker_hook(command):
@@ -359,6 +395,12 @@ def start_client(scheduler, workers):
     import dask
     from dask.distributed import Client, LocalCluster
     # Frames run in processes of their own; a worker's memory is not its frames'.
+    # Dask's nanny gives its workers MALLOC_TRIM_THRESHOLD_, which turns off glibc's
+    # adaptive mmap threshold: a frame that frees and allocates OTA-sized arrays then
+    # costs 20 % more CPU. The frames are forked from the workers and inherit it.
+    environ = dask.config.get("distributed.nanny.pre-spawn-environ", {})
+    dask.config.set({"distributed.nanny.pre-spawn-environ": {key: value for key, value in environ.items()
+                                                             if key != "MALLOC_TRIM_THRESHOLD_"}})
     dask.config.set({"distributed.worker.memory.terminate": False,
                      "distributed.scheduler.allowed-failures": 1,
                      # A worker holds only the task it runs: the others stay queued.
@@ -590,7 +632,12 @@ def multicollect(argv):
     with Night(options.get("scheduler"), options.get("workers")) as night:
         done, failed = run_night(night, frames, outdir, manifest, bool(options.get("redo")), watcher, plan_new,
                                  options.get("idle"), options.get("poll", 2.0))
-    outputs = [outdir / row["output"] for row in manifest.rows()
+    rows = manifest.rows()
+    for row in rows:
+        # A killed run's half-written frames (their processes gone by now), also of
+        # frames this run did not need to do again.
+        remove_stale_temporaries(outdir / row["output"])
+    outputs = [outdir / row["output"] for row in rows
                if row["kind"] == "object" and row["state"] == "done" and (outdir / row["output"]).exists()]
     manifest.write_summary()
     manifest.close()

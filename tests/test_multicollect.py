@@ -188,6 +188,12 @@ def test_killed_night_finishes_only_the_missing_frames(night, reduced_night, tmp
                 break
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    for _ in range(100):  # until every process of the run is gone
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
     rows = manifest_rows(outdir)
     done_before = {key for key, row in rows.items() if row["state"] == "done"}
     assert 2 <= len(done_before) < KILLED_NIGHT
