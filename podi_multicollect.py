@@ -404,7 +404,13 @@ def start_client(scheduler, workers):
     dask.config.set({"distributed.worker.memory.terminate": False,
                      "distributed.scheduler.allowed-failures": 1,
                      # A worker holds only the task it runs: the others stay queued.
-                     "distributed.scheduler.worker-saturation": 1.0})
+                     "distributed.scheduler.worker-saturation": 1.0,
+                     # Tasks last seconds: Dask's own bookkeeping at its default rates
+                     # (a tick every 20 ms, system and memory samples every 0.1-0.5 s)
+                     # took a tenth of a core from the frames.
+                     "distributed.admin.tick.interval": "1s",
+                     "distributed.admin.system-monitor.interval": "5s",
+                     "distributed.worker.memory.monitor-interval": "2s"})
     if scheduler:
         try:
             return Client(scheduler, timeout=10)
