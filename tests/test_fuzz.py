@@ -1,5 +1,6 @@
 """A seeded fuzzer: raw OTA files, masters and reference catalogs broken in every way a
-real file breaks, each reduced by the whole program.
+real file breaks, each reduced by the whole program; and raw calibration exposures
+with a broken OTA file, made into masters by podi_makecalibrations.
 
 For every broken input the run either succeeds (exit 0) with a complete, valid output
 file in which the broken OTA is reduced or named in ``FAILOTAS``, or stops (exit 1)
@@ -9,7 +10,7 @@ a partial or temporary file left behind.
 ``make test`` runs a seeded sample (:data:`DEFAULT_CASES` per kind of input); the full
 run takes the number from the environment:
 
-    PODI_FUZZ_CASES=450 .venv/bin/python -m pytest -q tests/test_fuzz.py   # 1,050 files
+    PODI_FUZZ_CASES=450 .venv/bin/python -m pytest -q tests/test_fuzz.py   # 1,162 files
 """
 
 import io
@@ -310,7 +311,7 @@ def test_broken_reference_catalog(object_exposure, true_cals, tmp_path, capsys, 
 MASTER_TOLERANCE = {"bias": 1.0, "dark": 1.0, "flat": 0.005}
 
 
-@pytest.mark.parametrize("case", range(max(CASES // 2, 9)))
+@pytest.mark.parametrize("case", range(max(CASES // 4, 6)))
 def test_broken_calibration_exposure(calibration_exposures, masters, tmp_path, capsys, case):
     """One OTA file of one raw bias, dark or flat broken: the master of that kind is made
     from the rest (the OTA from the other frames) or the command stops with one line."""
