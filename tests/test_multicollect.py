@@ -366,11 +366,13 @@ def test_progress_line_on_a_terminal():
 
 def test_persistency_follows_the_order_of_the_night(night, reduced_night, tmp_path):
     """With -persistency each frame waits for the one before (its masks need that frame's
-    saturation catalog): two workers give the frames of sequential single runs."""
+    saturation catalog): two workers give the frames of sequential single runs. The
+    outputs are named by -formatout, in a folder per filter."""
     outdir, _ = reduced_night
     frames = science(night)[12:16]
     out = tmp_path / "out"
-    done = multicollect(*frames, out, "-workers=2", f"-cals={outdir / 'cals'}", f"-persistency={tmp_path / 'p1'}")
+    done = multicollect(*frames, out, "-workers=2", f"-cals={outdir / 'cals'}", f"-persistency={tmp_path / 'p1'}",
+                        "-formatout=%FILTER/%OBSID")
     assert done.returncode == 0, done.stderr
     single = tmp_path / "single"
     for exposure in frames:
@@ -379,8 +381,8 @@ def test_persistency_follows_the_order_of_the_night(night, reduced_night, tmp_pa
     catalogs = []
     for exposure in frames:
         name = exposure.name[1:] + ".fits"
-        assert_same_frame(out / name, single / name)
-        header = fits.getheader(out / name, "OTA33.SCI")
+        assert_same_frame(out / "odi_r" / name, single / name)  # named by -formatout
+        header = fits.getheader(out / "odi_r" / name, "OTA33.SCI")
         catalogs.append(sum(key.startswith("PERSIS") and key[6:].isdigit() for key in header))
     # Each frame used the catalogs of the frames that ended within 600 s before it began.
     assert catalogs == [0, 1, 2, 2]
