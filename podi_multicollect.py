@@ -440,7 +440,8 @@ class Progress:
     """Frames done, failed and running, frames per minute and the time left: a line
     rewritten in place on a terminal, else one log line per finished frame."""
 
-    def __init__(self, total, stream=sys.stderr):
+    def __init__(self, total, stream=None):
+        stream = sys.stderr if stream is None else stream
         self.total, self.stream, self.start = total, stream, time.monotonic()
         self.done = self.failed = self.running = 0
         self.live = stream.isatty()
@@ -455,8 +456,10 @@ class Progress:
                 f"running, {rate:.1f} frames/min{eta}")
 
     def show(self, event=None):
+        """Redraw the line; a finished frame (``event``) is also kept above it."""
         if self.live:
-            self.stream.write(f"\r\033[K{self.line()}")
+            kept = f"{event}\n" if event else ""
+            self.stream.write(f"\r\033[K{kept}{self.line()}")
             self.stream.flush()
         elif event:
             logger.info("%s (%s)", event, self.line())

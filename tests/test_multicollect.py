@@ -360,8 +360,10 @@ def test_progress_line_on_a_terminal():
     progress.start -= 120  # two minutes in
     progress.done, progress.failed, progress.running = 3, 1, 2
     progress.show()
-    assert terminal.getvalue() == ("\r\033[K4/10 frames: 3 done, 1 failed, 2 running, 2.0 frames/min, "
-                                   "ETA 3.0 min")
+    line = "4/10 frames: 3 done, 1 failed, 2 running, 2.0 frames/min, ETA 3.0 min"
+    assert terminal.getvalue() == f"\r\033[K{line}"
+    progress.show("frame.fits failed: no such file")  # kept above the line
+    assert terminal.getvalue().endswith(f"\r\033[Kframe.fits failed: no such file\n{line}")
 
 
 def test_persistency_follows_the_order_of_the_night(night, reduced_night, tmp_path):
