@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from podi_definitions import PIPELINE_VERSION
-from podi_mef import remove_stale_temporaries, temporary_name
+from podi_mef import replaced_atomically
 
 #: File name of the manifest in the output folder.
 MANIFEST_NAME = "multicollect.sqlite"
@@ -130,11 +130,8 @@ class Manifest:
         table = Table({name: np.array([_column_value(row[name], name) for row in rows],
                                       dtype=float if _numeric(name) else str) for name in COLUMNS})
         for suffix, form in ((".csv", "ascii.csv"), (".fits", "fits")):
-            path = self.folder / (SUMMARY_NAME + suffix)
-            remove_stale_temporaries(path)  # of a run killed while writing it
-            temporary = temporary_name(path)
-            table.write(temporary, format=form, overwrite=True)
-            os.replace(temporary, path)
+            with replaced_atomically(self.folder / (SUMMARY_NAME + suffix)) as temporary:
+                table.write(temporary, format=form, overwrite=True)
 
 
 def _numeric(name):

@@ -54,6 +54,22 @@ def remove_stale_temporaries(filename):
     return removed
 
 
+@contextlib.contextmanager
+def replaced_atomically(filename):
+    """Yield the temporary name to write ``filename`` under; rename it to ``filename``
+    when the block ends, remove it if the block raises. Temporaries that killed runs
+    left for ``filename`` are removed first. A reader never sees half a file."""
+    filename = Path(filename)
+    filename.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(filename)
+    temporary = temporary_name(filename)
+    try:
+        yield temporary
+        os.replace(temporary, filename)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_atomic(hdulist, filename, overwrite=True):
     """Write an HDUList under a temporary name in the target folder, then rename.
 
@@ -67,13 +83,8 @@ def write_atomic(hdulist, filename, overwrite=True):
     filename = Path(filename)
     if not overwrite and filename.exists():
         raise FileExistsError(f"{filename}: exists")
-    tmp = temporary_name(filename)
-    try:
-        hdulist.writeto(tmp, overwrite=True, checksum=True)
-        os.replace(tmp, filename)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with replaced_atomically(filename) as temporary:
+        hdulist.writeto(temporary, overwrite=True, checksum=True)
 
 
 class _Memory(io.BytesIO):

@@ -27,7 +27,6 @@ the frame's WCS says so (:func:`east_left`).
 import logging
 import math
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from matplotlib.patches import Ellipse, Polygon, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from podi_ipprefcat import filled
-from podi_mef import remove_stale_temporaries, temporary_name
+from podi_mef import replaced_atomically
 from podi_preview import focal_plane_mosaic
 from podi_sphere import angular_distance, wrap_180
 
@@ -1122,15 +1121,9 @@ def save_figure(figure, path, dpi):
     """``figure.savefig`` under a temporary name, then a rename: a run killed while it
     saves leaves no partial plot (and the next save removes what such a run left)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    temporary = temporary_name(path)
-    try:
+    with replaced_atomically(path) as temporary:
         figure.savefig(temporary, format=path.suffix[1:].lower(), dpi=dpi,
                        **SAVE_OPTIONS.get(path.suffix.lower(), {}))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def render_reporting(data, job):

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from podi_mef import remove_stale_temporaries, temporary_name
+from podi_mef import replaced_atomically
 
 logger = logging.getLogger("podi_qapage")
 
@@ -110,15 +110,8 @@ def png_size(path):
 def write_atomically(path, text):
     """Write text to path through a temporary file and a rename: a reader never sees
     half a page."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    temporary = temporary_name(path)
-    try:
+    with replaced_atomically(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 # --- Numbers of a primary header -----------------------------------------------------------
